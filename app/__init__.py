@@ -1,0 +1,1 @@
+"""Consort: an event-sourced orchestrator for federated learning across organizations."""

@@ -1,0 +1,1 @@
+"""The HTTP/JSON API: thin routers over the domain rules and the runtime."""

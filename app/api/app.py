@@ -1,0 +1,39 @@
+"""The FastAPI application: routers, error handlers, and the runtime's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import problems
+from app.api.routes import health, ledger, organizations
+from app.runtime import Runtime
+
+
+def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
+    """Build the app around a runtime; with manage_runtime the app starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_runtime:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if manage_runtime:
+                await runtime.stop()
+
+    app = FastAPI(
+        title="Consort",
+        version="0.1.0",
+        description="Train and evaluate models across organizations without pooling data. "
+        "Every change is an event on the acting organization's hash-chained ledger.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    problems.install(app)
+    for module in (health, organizations, ledger):
+        app.include_router(module.router)
+    return app

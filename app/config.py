@@ -1,0 +1,34 @@
+"""Settings, read once from the environment (every variable is listed in the README)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "consort"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # None means: start an embedded server under `home` (see app/embedded.py).
+    database_url: str | None
+    nats_url: str | None
+    home: Path
+    admin_token: str | None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = os.environ.get("CONSORT_HOME")
+        return cls(
+            database_url=os.environ.get("CONSORT_DATABASE_URL") or None,
+            nats_url=os.environ.get("CONSORT_NATS_URL") or None,
+            home=Path(home) if home else default_home(),
+            admin_token=os.environ.get("CONSORT_ADMIN_TOKEN") or None,
+            host=os.environ.get("CONSORT_HOST", "127.0.0.1"),
+            port=int(os.environ.get("CONSORT_PORT", "8000")),
+        )

@@ -1,0 +1,1 @@
+"""The ledger: append-only, hash-chained, per-organization event storage on PostgreSQL."""

@@ -1,0 +1,115 @@
+"""The sequencer gives committed ledger entries their global position.
+
+Appenders never take a global lock; they only lock their own org's chain head. After
+they commit, the sequencer (any process may run one; they take turns through a
+transaction-scoped advisory lock) reads the entries that are committed but not yet
+placed, interleaves the orgs while keeping each org's sequence order, and inserts
+consecutive positions in one transaction. Because a position is only ever given to an
+entry that has already committed, and sequencer transactions never overlap, a reader
+following positions can never skip an entry that committed late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Iterable
+
+import asyncpg
+
+from app.events.notifications import Notifications
+
+log = logging.getLogger(__name__)
+
+SEQUENCER_LOCK = 72_002
+POSITIONS_CHANNEL = "consort_positions"
+
+
+class Sequencer:
+    def __init__(
+        self, pool: asyncpg.Pool, notifications: Notifications, max_batch: int = 20_000
+    ) -> None:
+        self._pool = pool
+        self._notifications = notifications
+        self._max_batch = max_batch
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-sequencer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        wake = self._notifications.subscribe("consort_ledger")
+        while True:
+            try:
+                placed = await self.sequence_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.exception("sequencer pass failed; retrying")
+                placed = 0
+                await asyncio.sleep(0.5)
+            if placed >= self._max_batch:
+                continue
+            wake.clear()
+            # A poll as a safety net: a NOTIFY can be missed while the listener reconnects.
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+
+    async def sequence_once(self) -> int:
+        """Place every committed, unplaced entry (up to max_batch); returns how many."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK)
+            pending = await conn.fetch(
+                "SELECT h.org, coalesce(m.sequenced_through, 0) AS done, h.last_sequence "
+                "FROM ledger_heads h LEFT JOIN sequencer_marks m USING (org) "
+                "WHERE h.last_sequence > coalesce(m.sequenced_through, 0)"
+            )
+            if not pending:
+                return 0
+            orgs = [r["org"] for r in pending]
+            rows = await conn.fetch(
+                "SELECT l.org, l.sequence, l.recorded_at FROM ledger l "
+                "JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(org, done, last) "
+                "ON l.org = p.org AND l.sequence > p.done AND l.sequence <= p.last "
+                "ORDER BY l.org, l.sequence",
+                orgs, [r["done"] for r in pending], [r["last_sequence"] for r in pending],
+            )
+            ordered = list(_interleave(rows))[: self._max_batch]
+            if not ordered:
+                return 0
+            start = await conn.fetchval("SELECT coalesce(max(position), 0) FROM ledger_positions")
+            await conn.copy_records_to_table(
+                "ledger_positions",
+                records=[(start + i + 1, org, seq) for i, (org, seq) in enumerate(ordered)],
+                columns=("position", "org", "sequence"),
+            )
+            marks: dict[str, int] = {}
+            for org, seq in ordered:
+                marks[org] = seq
+            await conn.execute(
+                "INSERT INTO sequencer_marks (org, sequenced_through) "
+                "SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                "ON CONFLICT (org) DO UPDATE SET sequenced_through = EXCLUDED.sequenced_through",
+                list(marks), list(marks.values()),
+            )
+            await conn.execute("SELECT pg_notify($1, $2)", POSITIONS_CHANNEL, str(start + len(ordered)))
+            return len(ordered)
+
+
+def _interleave(rows: Iterable[asyncpg.Record]) -> Iterable[tuple[str, int]]:
+    """Merge the orgs' runs by record time; each org's own order is kept as is."""
+    runs: dict[str, list[asyncpg.Record]] = {}
+    for row in rows:
+        runs.setdefault(row["org"], []).append(row)
+    merged = heapq.merge(*runs.values(), key=lambda r: (r["recorded_at"], r["org"]))
+    return ((r["org"], r["sequence"]) for r in merged)

@@ -1,0 +1,1 @@
+"""Views of the ledger: tables that are rebuilt at will by replaying it."""

@@ -1,0 +1,207 @@
+"""The projection framework: views that follow the ledger exactly once.
+
+A `Projection` owns some tables and knows how to fold ledger entries into them. The
+`Projector` feeds it entries in global position order; in the same transaction as the
+view's changes it moves the view's tracking position, so a crash anywhere leaves either
+both or neither, and a restart resumes where the last commit stopped: no duplicate, no
+gap. Several projectors (one per API process) may run; the tracking rows' locks make
+them take turns. `reset()` drops every view; the projector then rebuilds from position 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from app.events.entries import LedgerEntry
+from app.events.notifications import Notifications
+from app.events.reader import read_positions
+
+log = logging.getLogger(__name__)
+
+PROJECTED_CHANNEL = "consort_projected"
+
+TRACKING_DDL = """
+CREATE TABLE IF NOT EXISTS projection_tracking (
+    name      text   PRIMARY KEY,
+    position  bigint NOT NULL
+);
+-- Last sequence of each org that every view includes: what read-your-writes waits on.
+CREATE TABLE IF NOT EXISTS projected_marks (
+    org       text   PRIMARY KEY,
+    sequence  bigint NOT NULL
+);
+"""
+
+
+class Projection(abc.ABC):
+    """A view: its tables, and how each ledger entry changes them."""
+
+    name: str
+    # Tables this view owns, in creation order; dropped in reverse by reset().
+    tables: Sequence[str]
+    ddl: str
+
+    @abc.abstractmethod
+    async def apply(self, conn: asyncpg.Connection, entries: Sequence[LedgerEntry]) -> None:
+        """Fold entries (already in position order) into the view's tables."""
+
+
+class Projector:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        projections: Sequence[Projection],
+        notifications: Notifications | None = None,
+        batch_size: int = 5000,
+    ) -> None:
+        self._pool = pool
+        self.projections = list(projections)
+        self._notifications = notifications
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self.position = 0
+
+    async def ensure_schema(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(72003)")
+            await conn.execute(TRACKING_DDL)
+            for projection in self.projections:
+                await conn.execute(projection.ddl)
+            await conn.executemany(
+                "INSERT INTO projection_tracking (name, position) VALUES ($1, 0) "
+                "ON CONFLICT DO NOTHING",
+                [(p.name,) for p in self.projections],
+            )
+
+    async def reset(self) -> None:
+        """Drop and recreate every view, tracking back at 0 (then catch_up rebuilds)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(72003)")
+            await conn.execute(TRACKING_DDL)
+            await conn.execute("LOCK TABLE projection_tracking IN EXCLUSIVE MODE")
+            for projection in self.projections:
+                for table in reversed(projection.tables):
+                    await conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+                await conn.execute(projection.ddl)
+            await conn.execute("DELETE FROM projected_marks")
+            await conn.execute("DELETE FROM projection_tracking")
+            await conn.executemany(
+                "INSERT INTO projection_tracking (name, position) VALUES ($1, 0)",
+                [(p.name,) for p in self.projections],
+            )
+        self.position = 0
+
+    async def run_once(self) -> int:
+        """Apply the next batch of entries to every view; returns how many were read."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Views can be rebuilt from the ledger, so a commit lost in a crash costs
+            # nothing but a re-apply; skip waiting for the fsync.
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            tracking = {
+                r["name"]: r["position"]
+                for r in await conn.fetch(
+                    "SELECT name, position FROM projection_tracking "
+                    "WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+                    [p.name for p in self.projections],
+                )
+            }
+            start = min(tracking.values(), default=0)
+            entries = await read_positions(conn, start, self._batch_size)
+            if not entries:
+                self.position = start
+                return 0
+            for projection in self.projections:
+                done = tracking[projection.name]
+                todo = [e for e in entries if e.position is not None and e.position > done]
+                if todo:
+                    await projection.apply(conn, todo)
+            last = entries[-1].position
+            assert last is not None
+            await conn.execute(
+                "UPDATE projection_tracking SET position = $2 WHERE name = ANY($1)",
+                [p.name for p in self.projections], last,
+            )
+            marks: dict[str, int] = {}
+            for entry in entries:
+                marks[entry.org] = entry.sequence
+            await conn.execute(
+                "INSERT INTO projected_marks (org, sequence) "
+                "SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                "ON CONFLICT (org) DO UPDATE SET sequence = EXCLUDED.sequence",
+                list(marks), list(marks.values()),
+            )
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", PROJECTED_CHANNEL, json.dumps({"position": last})
+            )
+        self.position = last
+        return len(entries)
+
+    async def catch_up(self) -> int:
+        """Apply batches until nothing is left; returns the number of entries applied."""
+        total = 0
+        while True:
+            applied = await self.run_once()
+            total += applied
+            if applied == 0:
+                return total
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="projector")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        assert self._notifications is not None
+        wake = self._notifications.subscribe("consort_positions")
+        while True:
+            wake.clear()
+            try:
+                applied = await self.run_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.exception("projector pass failed; retrying")
+                applied = 0
+                await asyncio.sleep(0.5)
+            if applied >= self._batch_size:
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+
+
+def runs_by_type(entries: Sequence[LedgerEntry]) -> list[tuple[str, list[LedgerEntry]]]:
+    """Consecutive entries of one event type, grouped: lets a view write each run with one
+    executemany while keeping the ledger's order between runs."""
+    runs: list[tuple[str, list[LedgerEntry]]] = []
+    for entry in entries:
+        if runs and runs[-1][0] == entry.event_type:
+            runs[-1][1].append(entry)
+        else:
+            runs.append((entry.event_type, [entry]))
+    return runs
+
+
+async def dump_views(conn: asyncpg.Connection, projections: Sequence[Projection]) -> dict[str, Any]:
+    """Every row of every view, in a stable order: for comparing live and rebuilt views."""
+    dump: dict[str, Any] = {}
+    for projection in projections:
+        for table in projection.tables:
+            rows = await conn.fetch(f"SELECT * FROM {table}")
+            dump[table] = sorted(
+                (json.dumps(dict(r), default=str, sort_keys=True) for r in rows)
+            )
+    return dump

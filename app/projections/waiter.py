@@ -1,0 +1,73 @@
+"""Read your writes: a command answers only once every view includes its entries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+
+from app.events.entries import LedgerEntry
+from app.events.notifications import Notifications
+
+log = logging.getLogger(__name__)
+
+
+class ProjectionWaiter:
+    def __init__(self, pool: asyncpg.Pool, notifications: Notifications) -> None:
+        self._pool = pool
+        self._notifications = notifications
+        self._marks: dict[str, int] = {}
+        self._waiters: list[tuple[dict[str, int], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="projection-waiter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def wait(self, entries: Sequence[LedgerEntry], timeout: float = 30.0) -> None:
+        """Return once every view includes these entries (TimeoutError after `timeout`)."""
+        need: dict[str, int] = {}
+        for entry in entries:
+            need[entry.org] = max(need.get(entry.org, 0), entry.sequence)
+        if self._satisfied(need):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (need, future)
+        self._waiters.append(item)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            if item in self._waiters:
+                self._waiters.remove(item)
+
+    def _satisfied(self, need: dict[str, int]) -> bool:
+        return all(self._marks.get(org, 0) >= seq for org, seq in need.items())
+
+    async def _run(self) -> None:
+        wake = self._notifications.subscribe("consort_projected")
+        while True:
+            wake.clear()
+            if self._waiters:
+                try:
+                    async with self._pool.acquire() as conn:
+                        rows = await conn.fetch("SELECT org, sequence FROM projected_marks")
+                    self._marks = {r["org"]: r["sequence"] for r in rows}
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    log.exception("cannot read projected marks")
+                for need, future in list(self._waiters):
+                    if not future.done() and self._satisfied(need):
+                        future.set_result(None)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=0.2)
+            except TimeoutError:
+                pass
