@@ -6,8 +6,14 @@ import pytest
 
 from app.domain.errors import Conflict, Forbidden, InvalidCommand
 from app.domain.organizations import (
-    SYSTEM_LEDGER, OrganizationRegistered, Principal, TokenIssued, issue_token, ledger_of,
-    register_organization, revoke_token,
+    SYSTEM_LEDGER,
+    OrganizationRegistered,
+    Principal,
+    TokenIssued,
+    issue_token,
+    ledger_of,
+    register_organization,
+    revoke_token,
 )
 
 ADMIN = Principal(kind="admin")

@@ -134,7 +134,9 @@ def issue_token(
     if role == "auditor":
         actor.require_admin()
         if org is not None:
-            raise InvalidCommand("an auditor token belongs to no organization", code="invalid_token")
+            raise InvalidCommand(
+                "an auditor token belongs to no organization", code="invalid_token"
+            )
     else:
         if org is None:
             raise InvalidCommand("an organization token needs an org", code="invalid_token")
