@@ -21,6 +21,8 @@ from app.events.entries import AppendRequest, LedgerEntry
 from app.events.notifications import Notifications
 from app.events.schema import create_schema
 from app.events.sequencer import Sequencer
+from app.projections.assets import AssetsView
+from app.projections.compute import ComputeView
 from app.projections.framework import Projection, Projector
 from app.projections.organizations import OrganizationsView
 from app.projections.waiter import ProjectionWaiter
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def all_projections() -> list[Projection]:
-    return [OrganizationsView()]
+    return [OrganizationsView(), AssetsView(), ComputeView()]
 
 
 def hash_token(token: str) -> str:
@@ -154,5 +156,6 @@ class Runtime:
             )
         if row is None:
             return None
-        kind = "auditor" if row["role"] == "auditor" else "org"
-        return Principal(kind=kind, org=row["org"], token_id=row["id"])
+        if row["role"] == "auditor":
+            return Principal(kind="auditor", token_id=row["id"])
+        return Principal(kind="org", org=row["org"], token_id=row["id"])

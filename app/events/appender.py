@@ -20,6 +20,7 @@ import uuid
 import asyncpg
 
 from app.domain.errors import Conflict
+from app.events.background import stop_task
 from app.events.canonical import GENESIS_HASH, chain_hash
 from app.events.entries import AppendRequest, LedgerEntry, encode_data, hashed_fields
 
@@ -65,13 +66,8 @@ class Appender:
         self._task = asyncio.create_task(self._run(), name="ledger-appender")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():

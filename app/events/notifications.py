@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from app.events.background import stop_task
+
 log = logging.getLogger(__name__)
 
 CHANNELS = ("consort_ledger", "consort_positions", "consort_projected")
@@ -44,12 +46,7 @@ class Notifications:
         self._task = asyncio.create_task(self._watch(), name="pg-notifications")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         if self._conn is not None:
             await self._conn.close()
             self._conn = None

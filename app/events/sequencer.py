@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
+from app.events.background import stop_task, wake_or_poll
 from app.events.notifications import Notifications
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,8 @@ class Sequencer:
         self._task = asyncio.create_task(self._run(), name="ledger-sequencer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         wake = self._notifications.subscribe("consort_ledger")
@@ -60,10 +56,7 @@ class Sequencer:
                 continue
             wake.clear()
             # A poll as a safety net: a NOTIFY can be missed while the listener reconnects.
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
+            await wake_or_poll(wake, 0.5)
 
     async def sequence_once(self) -> int:
         """Place every committed, unplaced entry (up to max_batch); returns how many."""
@@ -102,7 +95,9 @@ class Sequencer:
                 "ON CONFLICT (org) DO UPDATE SET sequenced_through = EXCLUDED.sequenced_through",
                 list(marks), list(marks.values()),
             )
-            await conn.execute("SELECT pg_notify($1, $2)", POSITIONS_CHANNEL, str(start + len(ordered)))
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", POSITIONS_CHANNEL, str(start + len(ordered))
+            )
             return len(ordered)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from app.events.background import stop_task, wake_or_poll
 from app.events.entries import LedgerEntry
 from app.events.notifications import Notifications
 from app.events.reader import read_positions
@@ -156,13 +157,8 @@ class Projector:
         self._task = asyncio.create_task(self._run(), name="projector")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         assert self._notifications is not None
@@ -177,10 +173,7 @@ class Projector:
                 await asyncio.sleep(0.5)
             if applied >= self._batch_size:
                 continue
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
+            await wake_or_poll(wake, 0.5)
 
 
 def runs_by_type(entries: Sequence[LedgerEntry]) -> list[tuple[str, list[LedgerEntry]]]:
@@ -202,6 +195,6 @@ async def dump_views(conn: asyncpg.Connection, projections: Sequence[Projection]
         for table in projection.tables:
             rows = await conn.fetch(f"SELECT * FROM {table}")
             dump[table] = sorted(
-                (json.dumps(dict(r), default=str, sort_keys=True) for r in rows)
+                json.dumps(dict(r), default=str, sort_keys=True) for r in rows
             )
     return dump

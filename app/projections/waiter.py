@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from app.events.background import stop_task, wake_or_poll
 from app.events.entries import LedgerEntry
 from app.events.notifications import Notifications
 
@@ -26,13 +27,8 @@ class ProjectionWaiter:
         self._task = asyncio.create_task(self._run(), name="projection-waiter")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def wait(self, entries: Sequence[LedgerEntry], timeout: float = 30.0) -> None:
         """Return once every view includes these entries (TimeoutError after `timeout`)."""
@@ -67,7 +63,4 @@ class ProjectionWaiter:
                 for need, future in list(self._waiters):
                     if not future.done() and self._satisfied(need):
                         future.set_result(None)
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=0.2)
-            except TimeoutError:
-                pass
+            await wake_or_poll(wake, 0.2)

@@ -9,10 +9,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.api.deps import PrincipalDep, RuntimeDep
-from app.api.problems import ApiProblem
 from app.api.pagination import MAX_LIMIT, Page, decode_cursor, encode_cursor
+from app.api.problems import ApiProblem
 from app.api.schemas import (
-    IssuedToken, Me, Organization, OrganizationCreated, OrganizationIn, TokenIn, TokenInfo,
+    IssuedToken,
+    Me,
+    Organization,
+    OrganizationCreated,
+    OrganizationIn,
+    TokenIn,
+    TokenInfo,
 )
 from app.domain import organizations as rules
 from app.domain.errors import NotFound
@@ -160,4 +166,6 @@ def _parse_time(value: str) -> dt.datetime:
     try:
         return dt.datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        raise ApiProblem(400, "invalid_cursor", "the pagination cursor is not one we issued")
+        raise ApiProblem(
+            400, "invalid_cursor", "the pagination cursor is not one we issued"
+        ) from None

@@ -1,0 +1,183 @@
+"""Views of compute plans and tasks and what tasks produce: models, performances, failures.
+
+Plan status and per-status counts are maintained here from task events; the status itself
+is derived by the domain rule `plan_status`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import asyncpg
+
+from app.domain.plans import plan_status
+from app.domain.tasks import TaskStatus
+from app.events.entries import LedgerEntry
+from app.projections.assets import j
+from app.projections.framework import Projection, runs_by_type
+
+STATUS_COLUMNS = {s: f"n_{s.value.lower()}" for s in TaskStatus}
+_FINAL = ("DONE", "FAILED", "CANCELED")
+
+
+class ComputeView(Projection):
+    name = "compute"
+    tables = ("compute_plans", "compute_tasks", "models", "performances", "failure_reports")
+    ddl = f"""
+    CREATE TABLE IF NOT EXISTS compute_plans (
+        key text PRIMARY KEY, owner text NOT NULL, name text NOT NULL, tag text NOT NULL,
+        metadata jsonb NOT NULL, created_at timestamptz NOT NULL, position bigint NOT NULL,
+        status text NOT NULL, {", ".join(f"{c} integer NOT NULL DEFAULT 0"
+                                          for c in STATUS_COLUMNS.values())},
+        start_date timestamptz, end_date timestamptz,
+        cancelation_date timestamptz, failure_date timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS compute_plans_owner ON compute_plans (owner, position);
+    CREATE TABLE IF NOT EXISTS compute_tasks (
+        key text PRIMARY KEY, compute_plan_key text NOT NULL, function_key text NOT NULL,
+        owner text NOT NULL, worker text NOT NULL, rank integer NOT NULL, status text NOT NULL,
+        category text NOT NULL, inputs jsonb NOT NULL, outputs jsonb NOT NULL,
+        parent_task_keys text[] NOT NULL, logs_permission jsonb NOT NULL,
+        metadata jsonb NOT NULL, created_at timestamptz NOT NULL, position bigint NOT NULL,
+        version integer NOT NULL, start_date timestamptz, end_date timestamptz,
+        error_type text
+    );
+    CREATE INDEX IF NOT EXISTS compute_tasks_plan ON compute_tasks (compute_plan_key, position);
+    CREATE INDEX IF NOT EXISTS compute_tasks_worker ON compute_tasks (worker, status, position);
+    CREATE INDEX IF NOT EXISTS compute_tasks_parents ON compute_tasks USING gin (parent_task_keys);
+    CREATE TABLE IF NOT EXISTS models (
+        key text PRIMARY KEY, compute_task_key text NOT NULL, identifier text NOT NULL,
+        owner text NOT NULL, permissions jsonb NOT NULL, checksum text NOT NULL,
+        size bigint NOT NULL, transient boolean NOT NULL, disabled boolean NOT NULL,
+        created_at timestamptz NOT NULL, position bigint NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS models_task ON models (compute_task_key, identifier);
+    CREATE TABLE IF NOT EXISTS performances (
+        key text PRIMARY KEY, compute_task_key text NOT NULL, compute_plan_key text NOT NULL,
+        identifier text NOT NULL, value double precision NOT NULL,
+        created_at timestamptz NOT NULL, position bigint NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS performances_plan ON performances (compute_plan_key, position);
+    CREATE TABLE IF NOT EXISTS failure_reports (
+        key text PRIMARY KEY, error_type text NOT NULL, logs_checksum text, message text NOT NULL,
+        created_at timestamptz NOT NULL
+    );
+    """
+
+    async def apply(self, conn: asyncpg.Connection, entries: Sequence[LedgerEntry]) -> None:
+        touched_plans: set[str] = set()
+        for event_type, run in runs_by_type(entries):
+            if event_type == "ComputePlanRegistered":
+                await conn.executemany(
+                    "INSERT INTO compute_plans (key, owner, name, tag, metadata, created_at, "
+                    "position, status) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7,'EMPTY')",
+                    [(d["key"], d["owner"], d["name"], d["tag"], j(d["metadata"]),
+                      e.recorded_at, e.position) for e in run for d in (e.data,)],
+                )
+            elif event_type == "ComputePlanCanceled":
+                await conn.executemany(
+                    "UPDATE compute_plans SET cancelation_date = $2 WHERE key = $1",
+                    [(e.data["key"], e.recorded_at) for e in run],
+                )
+                touched_plans.update(e.data["key"] for e in run)
+            elif event_type == "TaskRegistered":
+                await conn.executemany(
+                    "INSERT INTO compute_tasks (key, compute_plan_key, function_key, owner, "
+                    "worker, rank, status, category, inputs, outputs, parent_task_keys, "
+                    "logs_permission, metadata, created_at, position, version, end_date) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9::jsonb,$10::jsonb,$11,$12::jsonb,"
+                    "$13::jsonb,$14,$15,$16,$17)",
+                    [(d["key"], d["compute_plan_key"], d["function_key"], d["owner"], d["worker"],
+                      d["rank"], d["status"], d["category"], j(d["inputs"]), j(d["outputs"]),
+                      d["parent_task_keys"], j(d["logs_permission"]), j(d["metadata"]),
+                      e.recorded_at, e.position, e.version,
+                      e.recorded_at if d["status"] in _FINAL else None)
+                     for e in run for d in (e.data,)],
+                )
+                await self._count(conn, Counter(
+                    (e.data["compute_plan_key"], e.data["status"]) for e in run), Counter())
+                touched_plans.update(e.data["compute_plan_key"] for e in run)
+            elif event_type == "TaskStatusChanged":
+                await conn.executemany(
+                    "UPDATE compute_tasks SET status = $2, version = $3, error_type = $4, "
+                    "start_date = CASE WHEN $2 = 'DOING' THEN $5 ELSE start_date END, "
+                    "end_date = CASE WHEN $2 = ANY($6::text[]) THEN $5 ELSE end_date END "
+                    "WHERE key = $1",
+                    [(d["key"], d["status"], e.version, d.get("error_type"), e.recorded_at,
+                      list(_FINAL)) for e in run for d in (e.data,)],
+                )
+                added = Counter((e.data["compute_plan_key"], e.data["status"]) for e in run)
+                removed = Counter((e.data["compute_plan_key"], e.data["previous"]) for e in run)
+                await self._count(conn, added, removed)
+                await conn.executemany(
+                    "UPDATE compute_plans SET "
+                    "start_date = CASE WHEN $2 = 'DOING' THEN coalesce(start_date, $3) "
+                    "ELSE start_date END, "
+                    "failure_date = CASE WHEN $2 = 'FAILED' THEN coalesce(failure_date, $3) "
+                    "ELSE failure_date END WHERE key = $1",
+                    [(e.data["compute_plan_key"], e.data["status"], e.recorded_at) for e in run],
+                )
+                touched_plans.update(e.data["compute_plan_key"] for e in run)
+            elif event_type == "ModelRegistered":
+                await conn.executemany(
+                    "INSERT INTO models VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7,$8,false,$9,$10)",
+                    [(d["key"], d["compute_task_key"], d["identifier"], d["owner"],
+                      j(d["permissions"]), d["checksum"], d["size"], d["transient"],
+                      e.recorded_at, e.position) for e in run for d in (e.data,)],
+                )
+            elif event_type == "ModelDisabled":
+                await conn.executemany(
+                    "UPDATE models SET disabled = true WHERE key = $1",
+                    [(e.data["key"],) for e in run],
+                )
+            elif event_type == "PerformanceRegistered":
+                await conn.executemany(
+                    "INSERT INTO performances VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                    [(d["key"], d["compute_task_key"], d["compute_plan_key"], d["identifier"],
+                      d["value"], e.recorded_at, e.position) for e in run for d in (e.data,)],
+                )
+            elif event_type == "FailureReportRegistered":
+                await conn.executemany(
+                    "INSERT INTO failure_reports VALUES ($1,$2,$3,$4,$5)",
+                    [(d["key"], d["error_type"], d["logs_checksum"], d["message"], e.recorded_at)
+                     for e in run for d in (e.data,)],
+                )
+        if touched_plans:
+            await self._refresh_status(conn, sorted(touched_plans),
+                                       max(e.recorded_at for e in entries))
+
+    async def _count(
+        self, conn: asyncpg.Connection, added: Counter[tuple[str, str]],
+        removed: Counter[tuple[str, str]],
+    ) -> None:
+        deltas: Counter[tuple[str, str]] = Counter(added)
+        deltas.subtract(removed)
+        for (plan, status), delta in deltas.items():
+            if delta:
+                column = STATUS_COLUMNS[TaskStatus(status)]
+                await conn.execute(
+                    f"UPDATE compute_plans SET {column} = {column} + $2 WHERE key = $1",
+                    plan, delta,
+                )
+
+    async def _refresh_status(
+        self, conn: asyncpg.Connection, plans: list[str], when: object
+    ) -> None:
+        columns = ", ".join(STATUS_COLUMNS.values())
+        rows = await conn.fetch(
+            f"SELECT key, status, end_date, cancelation_date, {columns} FROM compute_plans "
+            "WHERE key = ANY($1)", plans,
+        )
+        updates = []
+        for row in rows:
+            counts = {s: row[c] for s, c in STATUS_COLUMNS.items()}
+            status = plan_status(counts, row["cancelation_date"] is not None).value
+            ended = status in ("DONE", "FAILED", "CANCELED")
+            end_date = (row["end_date"] or when) if ended else None
+            if status != row["status"] or end_date != row["end_date"]:
+                updates.append((row["key"], status, end_date))
+        if updates:
+            await conn.executemany(
+                "UPDATE compute_plans SET status = $2, end_date = $3 WHERE key = $1", updates
+            )
