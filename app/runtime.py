@@ -10,15 +10,18 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 
+from app.config import default_home
 from app.domain.events import DomainEvent
 from app.domain.organizations import Principal
 from app.events.appender import Appender
 from app.events.codec import to_new_events
 from app.events.entries import AppendRequest, LedgerEntry
 from app.events.notifications import Notifications
+from app.events.outbox import Outbox, OutboxConfig
 from app.events.schema import create_schema
 from app.events.sequencer import Sequencer
 from app.projections.assets import AssetsView
@@ -26,6 +29,7 @@ from app.projections.compute import ComputeView
 from app.projections.framework import Projection, Projector
 from app.projections.organizations import OrganizationsView
 from app.projections.waiter import ProjectionWaiter
+from app.storage.artifacts import ArtifactStore, FilesystemArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,9 @@ class Runtime:
         *,
         run_projector: bool = True,
         pool_size: int = 10,
+        artifacts_dir: Path | None = None,
+        max_upload_bytes: int = 5 * 1024**3,
+        outbox_config: OutboxConfig | None = None,
     ) -> None:
         self.database_url = database_url
         self.nats_url = nats_url
@@ -60,7 +67,12 @@ class Runtime:
         self.admin_token_sha256: str | None = None
         # Set when this start generated the admin token: shown once, never stored in clear.
         self.generated_admin_token: str | None = None
-        self.outbox: object | None = None
+        self._outbox_config = outbox_config
+        self.outbox: Outbox | None = None
+        self.artifacts: ArtifactStore = FilesystemArtifactStore(
+            artifacts_dir if artifacts_dir is not None else default_home() / "artifacts"
+        )
+        self.max_upload_bytes = max_upload_bytes
 
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(
@@ -80,9 +92,17 @@ class Runtime:
             self.projector.start()
         self.waiter = ProjectionWaiter(self.pool, self.notifications)
         self.waiter.start()
+        if self.nats_url is not None:
+            # Connects in the background: an unreachable NATS never fails the start.
+            self.outbox = Outbox(
+                self.pool, self.notifications, self.nats_url, self._outbox_config
+            )
+            await self.outbox.start()
         await self._load_admin_credentials()
 
     async def stop(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.stop()
         for component in (self.waiter, self.projector, self.sequencer, self.appender):
             await component.stop()
         await self.notifications.stop()
@@ -139,8 +159,8 @@ class Runtime:
         return checks
 
     def nats_connected(self) -> bool:
-        """Filled in by the outbox (app/events/outbox.py) once it exists."""
-        return False
+        """The outbox is connected to NATS and its stream is in place."""
+        return self.outbox is not None and self.outbox.connected
 
     async def principal_for(self, token: str) -> Principal | None:
         digest = hash_token(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -52,8 +53,8 @@ async def database_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def runtime(database_url: str) -> AsyncIterator[Runtime]:
-    rt = Runtime(database_url, admin_token=ADMIN_TOKEN)
+async def runtime(database_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt = Runtime(database_url, admin_token=ADMIN_TOKEN, artifacts_dir=tmp_path / "artifacts")
     await rt.start()
     try:
         yield rt

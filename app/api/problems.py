@@ -15,6 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.domain.errors import Conflict, DomainError, Forbidden, InvalidCommand, NotFound
+from app.storage.artifacts import (
+    ArtifactNotFound,
+    ChecksumMismatch,
+    InvalidChecksum,
+    StorageError,
+    TooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,14 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, Conflict) and exc.key is not None:
             extra["key"] = exc.key
         return problem(status, exc.code, exc.message, **extra)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        status, code = {
+            TooLarge: (413, "too_large"), ChecksumMismatch: (400, "checksum_mismatch"),
+            InvalidChecksum: (400, "invalid_checksum"), ArtifactNotFound: (404, "unknown_file"),
+        }.get(type(exc), (500, "storage_error"))
+        return problem(status, code, str(exc))
 
     @app.exception_handler(ApiProblem)
     async def _api(_: Request, exc: ApiProblem) -> JSONResponse:

@@ -46,6 +46,8 @@ class Sequencer:
     async def _run(self) -> None:
         wake = self._notifications.subscribe("consort_ledger")
         while True:
+            # Clear before working: a NOTIFY that arrives meanwhile must wake the next wait.
+            wake.clear()
             try:
                 placed = await self.sequence_once()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -54,7 +56,6 @@ class Sequencer:
                 await asyncio.sleep(0.5)
             if placed >= self._max_batch:
                 continue
-            wake.clear()
             # A poll as a safety net: a NOTIFY can be missed while the listener reconnects.
             await wake_or_poll(wake, 0.5)
 

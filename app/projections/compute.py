@@ -28,7 +28,7 @@ class ComputeView(Projection):
     CREATE TABLE IF NOT EXISTS compute_plans (
         key text PRIMARY KEY, owner text NOT NULL, name text NOT NULL, tag text NOT NULL,
         metadata jsonb NOT NULL, created_at timestamptz NOT NULL, position bigint NOT NULL,
-        status text NOT NULL, {", ".join(f"{c} integer NOT NULL DEFAULT 0"
+        version integer NOT NULL, status text NOT NULL, {", ".join(f"{c} integer NOT NULL DEFAULT 0"
                                           for c in STATUS_COLUMNS.values())},
         start_date timestamptz, end_date timestamptz,
         cancelation_date timestamptz, failure_date timestamptz
@@ -71,14 +71,14 @@ class ComputeView(Projection):
             if event_type == "ComputePlanRegistered":
                 await conn.executemany(
                     "INSERT INTO compute_plans (key, owner, name, tag, metadata, created_at, "
-                    "position, status) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7,'EMPTY')",
+                    "position, version, status) VALUES ($1,$2,$3,$4,$5::jsonb,$6,$7,$8,'EMPTY')",
                     [(d["key"], d["owner"], d["name"], d["tag"], j(d["metadata"]),
-                      e.recorded_at, e.position) for e in run for d in (e.data,)],
+                      e.recorded_at, e.position, e.version) for e in run for d in (e.data,)],
                 )
             elif event_type == "ComputePlanCanceled":
                 await conn.executemany(
-                    "UPDATE compute_plans SET cancelation_date = $2 WHERE key = $1",
-                    [(e.data["key"], e.recorded_at) for e in run],
+                    "UPDATE compute_plans SET cancelation_date = $2, version = $3 WHERE key = $1",
+                    [(e.data["key"], e.recorded_at, e.version) for e in run],
                 )
                 touched_plans.update(e.data["key"] for e in run)
             elif event_type == "TaskRegistered":

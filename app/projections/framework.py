@@ -138,9 +138,12 @@ class Projector:
                 "ON CONFLICT (org) DO UPDATE SET sequence = EXCLUDED.sequence",
                 list(marks), list(marks.values()),
             )
-            await conn.execute(
-                "SELECT pg_notify($1, $2)", PROJECTED_CHANNEL, json.dumps({"position": last})
-            )
+            # The marks ride along so waiters in every process learn them without a query
+            # (NOTIFY payloads are capped near 8 kB; past that waiters read the table).
+            payload = json.dumps({"position": last, "marks": marks}, separators=(",", ":"))
+            if len(payload) > 7000:
+                payload = json.dumps({"position": last})
+            await conn.execute("SELECT pg_notify($1, $2)", PROJECTED_CHANNEL, payload)
         self.position = last
         return len(entries)
 

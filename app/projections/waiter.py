@@ -1,8 +1,15 @@
-"""Read your writes: a command answers only once every view includes its entries."""
+"""Read your writes: a command answers only once every view includes its entries.
+
+The projector's NOTIFY carries the per-org marks it reached; every process keeps the
+highest marks it has heard of. A waiter whose entries are already covered returns at
+once; otherwise it waits for the next notification. When a payload lacks the marks (too
+many orgs in one batch) or a NOTIFY may have been missed, the marks table is read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 
@@ -22,8 +29,10 @@ class ProjectionWaiter:
         self._marks: dict[str, int] = {}
         self._waiters: list[tuple[dict[str, int], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._refresh = asyncio.Event()
 
     def start(self) -> None:
+        self._notifications.on("consort_projected", self._on_projected)
         self._task = asyncio.create_task(self._run(), name="projection-waiter")
 
     async def stop(self) -> None:
@@ -40,6 +49,8 @@ class ProjectionWaiter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = (need, future)
         self._waiters.append(item)
+        # The projection may have landed before we registered: check the table once.
+        self._refresh.set()
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
@@ -49,18 +60,33 @@ class ProjectionWaiter:
     def _satisfied(self, need: dict[str, int]) -> bool:
         return all(self._marks.get(org, 0) >= seq for org, seq in need.items())
 
+    def _merge(self, marks: dict[str, int]) -> None:
+        for org, seq in marks.items():
+            if seq > self._marks.get(org, 0):
+                self._marks[org] = seq
+        for need, future in list(self._waiters):
+            if not future.done() and self._satisfied(need):
+                future.set_result(None)
+
+    def _on_projected(self, payload: str) -> None:
+        try:
+            marks = json.loads(payload).get("marks") if payload else None
+        except ValueError:
+            marks = None
+        if isinstance(marks, dict):
+            self._merge({str(k): int(v) for k, v in marks.items()})
+        else:
+            self._refresh.set()
+
     async def _run(self) -> None:
-        wake = self._notifications.subscribe("consort_projected")
         while True:
-            wake.clear()
-            if self._waiters:
-                try:
-                    async with self._pool.acquire() as conn:
-                        rows = await conn.fetch("SELECT org, sequence FROM projected_marks")
-                    self._marks = {r["org"]: r["sequence"] for r in rows}
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    log.exception("cannot read projected marks")
-                for need, future in list(self._waiters):
-                    if not future.done() and self._satisfied(need):
-                        future.set_result(None)
-            await wake_or_poll(wake, 0.2)
+            await wake_or_poll(self._refresh, 0.2)
+            self._refresh.clear()
+            if not self._waiters:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    rows = await conn.fetch("SELECT org, sequence FROM projected_marks")
+                self._merge({r["org"]: r["sequence"] for r in rows})
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.exception("cannot read projected marks")

@@ -1,0 +1,297 @@
+"""Files, data managers, data samples, functions and datasets.
+
+Files are uploaded first (streamed, checksummed, size-limited) and assets then refer to
+them by SHA-256, so a registration is a small JSON request that is safe to retry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+
+from app.api.compute import acting_org
+from app.api.deps import PrincipalDep, RuntimeDep
+from app.api.files import file_response
+from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
+from app.api.schemas_assets import (
+    InputSpecIn,
+    Metadata,
+    OutputSpecIn,
+    PermissionIn,
+    PermissionsIn,
+    Strict,
+)
+from app.domain import registration as rules
+from app.domain.errors import Forbidden, NotFound
+from app.domain.functions import ImageSource, InputSpec, OutputSpec
+from app.domain.organizations import Principal
+from app.domain.permissions import Permission, Permissions, permission
+from app.projections import queries as q
+from app.projections.queries import json_value
+from app.runtime import Runtime
+
+router = APIRouter(tags=["assets"])
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+
+
+# --- files ------------------------------------------------------------------------------------
+
+@router.post("/files", status_code=status.HTTP_201_CREATED)
+async def upload_file(
+    request: Request, actor: PrincipalDep, runtime: RuntimeDep,
+    x_content_sha256: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Stream a file into the artifact store (body = the bytes); returns its SHA-256.
+
+    Send `X-Content-SHA256` to have the upload verified. Uploading the same bytes twice is
+    harmless: the store is content-addressed.
+    """
+    acting_org(actor)
+    stored = await runtime.artifacts.put_stream(
+        request.stream(), max_bytes=runtime.max_upload_bytes, expected_sha256=x_content_sha256
+    )
+    return {"checksum": stored.sha256, "size": stored.size}
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+async def _permissions(runtime: Runtime, body: PermissionsIn, owner: str) -> Permissions:
+    async with runtime.pool.acquire() as conn:
+        orgs = await q.org_ids(conn)
+    process = permission(body.process.public, body.process.authorized_ids, owner, orgs)
+    download = process if body.download is None else permission(
+        body.download.public, body.download.authorized_ids, owner, orgs)
+    return Permissions(process, download)
+
+
+async def _exists(runtime: Runtime, key: str) -> bool:
+    async with runtime.pool.acquire() as conn:
+        return key in await q.existing_keys(conn, [key])
+
+
+async def _row(runtime: Runtime, table: str, key: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(f"SELECT * FROM {table} WHERE key = $1", key)
+    if row is None:
+        raise NotFound(f"no {table[:-1].replace('_', ' ')} {key}")
+    return _decode(dict(row))
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    row.pop("position", None)
+    return {k: json_value(v) if k in _JSON_FIELDS else v for k, v in row.items()}
+
+
+_JSON_FIELDS = {"permissions", "logs_permission", "metadata", "inputs", "outputs", "command",
+                "entrypoint", "environment", "files"}
+
+
+async def _list(
+    runtime: Runtime, table: str, cursor: str | None, limit: int, owner: str | None,
+    extra_sql: str = "", extra_args: tuple[Any, ...] = (),
+) -> dict[str, Any]:
+    after = decode_cursor(cursor, 1)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            f"SELECT * FROM {table} WHERE position > $1 AND ($2::text IS NULL OR owner = $2) "
+            f"{extra_sql} ORDER BY position LIMIT $3",
+            after[0] if after else 0, owner, limit + 1, *extra_args,
+        )
+    more = len(rows) > limit
+    return {"items": [_decode(dict(r)) for r in rows[:limit]],
+            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
+
+
+async def _stream_file(runtime: Runtime, checksum: str, filename: str) -> StreamingResponse:
+    return await file_response(runtime.artifacts, checksum, filename)
+
+
+def _require_process(actor: Principal, perms: Any, what: str) -> None:
+    if actor.kind == "admin":
+        return
+    if actor.org is None or not Permission.from_json(perms["process"]).allows(actor.org):
+        raise Forbidden(f"{actor.org or actor.kind} may not process {what}")
+
+
+# --- data managers ----------------------------------------------------------------------------
+
+class DataManagerIn(Strict):
+    key: uuid.UUID | None = None
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=10_000)
+    opener_checksum: str
+    permissions: PermissionsIn = Field(default_factory=PermissionsIn)
+    logs_permission: PermissionIn | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+@router.post("/data_managers", status_code=status.HTTP_201_CREATED)
+async def register_data_manager(
+    body: DataManagerIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    org = acting_org(actor)
+    key = str(body.key or uuid.uuid4())
+    perms = await _permissions(runtime, body.permissions, org)
+    logs = (await _permissions(runtime, PermissionsIn(process=body.logs_permission), org)
+            ).process if body.logs_permission else perms.process
+    event = rules.register_data_manager(
+        org, key, await _exists(runtime, key), body.name, body.description,
+        body.opener_checksum, await runtime.artifacts.exists(body.opener_checksum.lower()),
+        perms, logs, body.metadata,
+    )
+    await runtime.record(actor, org, [event], {f"data_manager/{key}": 0})
+    return await _row(runtime, "data_managers", key)
+
+
+@router.get("/data_managers")
+async def list_data_managers(
+    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    return await _list(runtime, "data_managers", cursor, limit, owner)
+
+
+@router.get("/data_managers/{key}")
+async def get_data_manager(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _row(runtime, "data_managers", key)
+
+
+@router.get("/data_managers/{key}/opener", response_model=None)
+async def download_opener(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> StreamingResponse:
+    """The opener, for organizations that may process the data manager."""
+    row = await _row(runtime, "data_managers", key)
+    _require_process(actor, row["permissions"], f"data manager {key}")
+    return await _stream_file(runtime, row["opener_checksum"], "opener.py")
+
+
+# --- data samples -----------------------------------------------------------------------------
+
+class DataSampleIn(Strict):
+    key: uuid.UUID | None = None
+    data_manager_keys: list[str] = Field(min_length=1)
+    checksum: str
+    location: str = Field(min_length=1, max_length=4096,
+                          description="A path or URI the owner's runners can read")
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class DataSampleLinkIn(Strict):
+    data_manager_keys: list[str] = Field(min_length=1)
+
+
+async def _dm_owners(runtime: Runtime, keys: list[str]) -> dict[str, str | None]:
+    async with runtime.pool.acquire() as conn:
+        found = await q.data_managers(conn, keys)
+    return {k: found[k].owner if k in found else None for k in keys}
+
+
+@router.post("/data_samples", status_code=status.HTTP_201_CREATED)
+async def register_data_sample(
+    body: DataSampleIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """Register a sample by location and checksum: its bytes never reach the service."""
+    org = acting_org(actor)
+    key = str(body.key or uuid.uuid4())
+    event = rules.register_data_sample(
+        org, key, await _exists(runtime, key), await _dm_owners(runtime, body.data_manager_keys),
+        body.checksum.lower(), body.location, body.metadata,
+    )
+    await runtime.record(actor, org, [event], {f"data_sample/{key}": 0})
+    return await _row(runtime, "data_samples", key)
+
+
+@router.post("/data_samples/{key}/data_managers")
+async def link_data_sample(
+    key: str, body: DataSampleLinkIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """The owner links an existing sample to more of its data managers."""
+    org = acting_org(actor)
+    row = await _row(runtime, "data_samples", key)
+    event = rules.link_data_sample(org, key, row["owner"], row["data_manager_keys"],
+                                   await _dm_owners(runtime, body.data_manager_keys))
+    await runtime.record(actor, org, [event])
+    return await _row(runtime, "data_samples", key)
+
+
+@router.get("/data_samples")
+async def list_data_samples(
+    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    data_manager_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    return await _list(runtime, "data_samples", cursor, limit, owner,
+                       "AND ($4::text IS NULL OR data_manager_keys @> ARRAY[$4])",
+                       (data_manager_key,))
+
+
+@router.get("/data_samples/{key}")
+async def get_data_sample(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _row(runtime, "data_samples", key)
+
+
+# --- functions --------------------------------------------------------------------------------
+
+class FunctionIn(Strict):
+    key: uuid.UUID | None = None
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=10_000)
+    permissions: PermissionsIn = Field(default_factory=PermissionsIn)
+    inputs: dict[str, InputSpecIn] = Field(default_factory=dict)
+    outputs: dict[str, OutputSpecIn] = Field(default_factory=dict)
+    image_source: ImageSource
+    image: str = Field(min_length=1, max_length=500, description=(
+        "SHA-256 of the uploaded archive/tarball, or the image reference"))
+    command: list[str] = Field(default_factory=list)
+    entrypoint: list[str] | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    gpu: bool = False
+    metadata: Metadata = Field(default_factory=dict)
+
+
+@router.post("/functions", status_code=status.HTTP_201_CREATED)
+async def register_function(
+    body: FunctionIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    org = acting_org(actor)
+    key = str(body.key or uuid.uuid4())
+    stored = body.image_source is not ImageSource.IMAGE_REFERENCE and \
+        await runtime.artifacts.exists(body.image.lower())
+    event = rules.register_function(
+        org, key, await _exists(runtime, key), body.name, body.description,
+        await _permissions(runtime, body.permissions, org),
+        {n: InputSpec(s.kind, s.multiple, s.optional) for n, s in body.inputs.items()},
+        {n: OutputSpec(s.kind, s.multiple) for n, s in body.outputs.items()},
+        body.image_source,
+        body.image if body.image_source is ImageSource.IMAGE_REFERENCE else body.image.lower(),
+        stored, body.command, body.entrypoint, body.environment, body.gpu, body.metadata,
+    )
+    await runtime.record(actor, org, [event], {f"function/{key}": 0})
+    return await _row(runtime, "functions", key)
+
+
+@router.get("/functions")
+async def list_functions(
+    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    return await _list(runtime, "functions", cursor, limit, owner)
+
+
+@router.get("/functions/{key}")
+async def get_function(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _row(runtime, "functions", key)
+
+
+@router.get("/functions/{key}/archive", response_model=None)
+async def download_function(
+    key: str, actor: PrincipalDep, runtime: RuntimeDep
+) -> StreamingResponse:
+    """The function's archive or image tarball, for organizations that may process it."""
+    row = await _row(runtime, "functions", key)
+    _require_process(actor, row["permissions"], f"function {key}")
+    if row["image_source"] == ImageSource.IMAGE_REFERENCE:
+        raise NotFound(f"function {key} refers to image {row['image']}; it has no file")
+    return await _stream_file(runtime, row["image"], f"{key}.tar")

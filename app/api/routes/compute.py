@@ -1,0 +1,266 @@
+"""Compute plans and tasks: register (atomically, in batches), follow, act, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
+
+from app.api import compute
+from app.api.deps import PrincipalDep, RuntimeDep
+from app.api.files import file_response
+from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
+from app.api.problems import ApiProblem
+from app.api.schemas_assets import (
+    ComputePlanIn,
+    ModelOutputIn,
+    PerformanceIn,
+    TaskActionIn,
+    TaskBatchIn,
+    plan_json,
+)
+from app.domain.errors import Forbidden, InvalidCommand, NotFound
+from app.domain.permissions import Permissions
+from app.projections import queries as q
+from app.projections.queries import json_value
+from app.runtime import Runtime
+
+router = APIRouter(tags=["compute"])
+
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+_JSON_TASK_FIELDS = ("inputs", "outputs", "logs_permission", "metadata")
+
+
+def task_json(row: asyncpg.Record) -> dict[str, Any]:
+    d = dict(row)
+    for field in _JSON_TASK_FIELDS:
+        d[field] = json_value(d[field])
+    d.pop("position", None)
+    d.pop("version", None)
+    return d
+
+
+async def _plan(runtime: Runtime, key: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM compute_plans WHERE key = $1", key)
+    if row is None:
+        raise NotFound(f"no compute plan {key}")
+    d = plan_json(row)
+    d["metadata"] = json_value(d["metadata"])
+    return d
+
+
+async def _task(runtime: Runtime, key: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM compute_tasks WHERE key = $1", key)
+    if row is None:
+        raise NotFound(f"no compute task {key}")
+    return task_json(row)
+
+
+@router.post("/compute_plans", status_code=status.HTTP_201_CREATED)
+async def register_plan(
+    body: ComputePlanIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """Register a compute plan with any number of tasks, all or nothing."""
+    key = str(body.key or uuid.uuid4())
+    task_keys = await compute.register_plan(
+        runtime, actor, key, body.name, body.tag, body.metadata, body.tasks
+    )
+    return {"plan": await _plan(runtime, key), "task_keys": task_keys}
+
+
+@router.get("/compute_plans")
+async def list_plans(
+    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    plan_status: Annotated[str | None, Query(alias="status")] = None,
+    cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    after = decode_cursor(cursor, 1)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT * FROM compute_plans WHERE position > $1 "
+            "AND ($2::text IS NULL OR owner = $2) AND ($3::text IS NULL OR status = $3) "
+            "ORDER BY position LIMIT $4",
+            after[0] if after else 0, owner, plan_status, limit + 1,
+        )
+    items = [plan_json(r) | {"metadata": json_value(r["metadata"])} for r in rows[:limit]]
+    more = len(rows) > limit
+    return {"items": items,
+            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
+
+
+@router.get("/compute_plans/{key}")
+async def get_plan(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _plan(runtime, key)
+
+
+@router.post("/compute_plans/{key}/tasks", status_code=status.HTTP_201_CREATED)
+async def add_tasks(
+    key: str, body: TaskBatchIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """Add a batch of tasks to an existing plan (atomic)."""
+    return {"task_keys": await compute.add_tasks(runtime, actor, key, body.tasks)}
+
+
+@router.post("/compute_plans/{key}/cancel")
+async def cancel_plan(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Cancel the plan and every task of it that is not final yet."""
+    await compute.cancel(runtime, actor, key)
+    return await _plan(runtime, key)
+
+
+@router.get("/compute_plans/{key}/graph")
+async def plan_graph(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """The plan's task graph in one call: nodes and parent → child edges."""
+    await _plan(runtime, key)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT key, rank, status, worker, category, function_key, inputs "
+            "FROM compute_tasks WHERE compute_plan_key = $1 ORDER BY rank, position", key,
+        )
+    nodes, edges = [], []
+    for r in rows:
+        nodes.append({k: r[k] for k in ("key", "rank", "status", "worker", "category",
+                                        "function_key")})
+        for item in json_value(r["inputs"]):
+            if item.get("parent_task_key"):
+                edges.append({"source": item["parent_task_key"], "target": r["key"],
+                              "output": item["parent_output"], "input": item["identifier"]})
+    return {"nodes": nodes, "edges": edges}
+
+
+@router.get("/compute_plans/{key}/performances")
+async def plan_performances(
+    key: str, _: PrincipalDep, runtime: RuntimeDep, identifier: str | None = None
+) -> dict[str, Any]:
+    """Every performance of the plan (performances are public), in registration order."""
+    await _plan(runtime, key)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT p.key, p.compute_task_key, p.identifier, p.value, p.created_at, t.rank, "
+            "t.worker, t.metadata FROM performances p JOIN compute_tasks t "
+            "ON t.key = p.compute_task_key WHERE p.compute_plan_key = $1 "
+            "AND ($2::text IS NULL OR p.identifier = $2) ORDER BY p.position",
+            key, identifier,
+        )
+    return {"items": [dict(r) | {"metadata": json_value(r["metadata"])} for r in rows]}
+
+
+@router.get("/tasks")
+async def list_tasks(
+    _: PrincipalDep, runtime: RuntimeDep,
+    compute_plan_key: str | None = None, worker: str | None = None, owner: str | None = None,
+    task_status: Annotated[str | None, Query(alias="status")] = None,
+    rank: int | None = None, category: str | None = None,
+    cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    """Tasks in registration order, filtered; page with `next_cursor`."""
+    after = decode_cursor(cursor, 1)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT * FROM compute_tasks WHERE position > $1 "
+            "AND ($2::text IS NULL OR compute_plan_key = $2) "
+            "AND ($3::text IS NULL OR worker = $3) AND ($4::text IS NULL OR owner = $4) "
+            "AND ($5::text IS NULL OR status = $5) AND ($6::int IS NULL OR rank = $6) "
+            "AND ($7::text IS NULL OR category = $7) "
+            "ORDER BY position, key LIMIT $8",
+            after[0] if after else 0, compute_plan_key, worker, owner, task_status, rank,
+            category, limit + 1,
+        )
+    more = len(rows) > limit
+    return {"items": [task_json(r) for r in rows[:limit]],
+            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
+
+
+@router.get("/tasks/{key}")
+async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _task(runtime, key)
+
+
+@router.post("/tasks/{key}/actions")
+async def task_action(
+    key: str, body: TaskActionIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """start / done / fail (with a failure report) by the worker; cancel by the owner."""
+    await compute.act_on_task(runtime, actor, key, body)
+    return await _task(runtime, key)
+
+
+@router.post("/tasks/{key}/outputs/{identifier}/performance",
+             status_code=status.HTTP_201_CREATED)
+async def register_performance(
+    key: str, identifier: str, body: PerformanceIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    perf_key = await compute.register_performance(runtime, actor, key, identifier, body.value)
+    return {"key": perf_key, "compute_task_key": key, "identifier": identifier,
+            "value": body.value}
+
+
+@router.post("/tasks/{key}/outputs/{identifier}/model", status_code=status.HTTP_201_CREATED)
+async def register_model(
+    key: str, identifier: str, body: ModelOutputIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """The worker registers a model file it uploaded with POST /files."""
+    checksum = body.checksum.lower()
+    if not await runtime.artifacts.exists(checksum):
+        raise InvalidCommand(f"no uploaded file has checksum {checksum}", code="unknown_file")
+    size = await runtime.artifacts.size(checksum)
+    model_key = await compute.register_model(runtime, actor, key, identifier, checksum, size)
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", model_key)
+    assert row is not None
+    return dict(row) | {"permissions": json_value(row["permissions"])}
+
+
+@router.get("/models/{key}/file", response_model=None)
+async def download_model(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> StreamingResponse:
+    """A model file: needs process permission on the model and the worker org's
+    `model_export_enabled` (runners of authorized orgs fetch inputs the same way)."""
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", key)
+        if row is None:
+            raise NotFound(f"no model {key}")
+        perms = Permissions.from_json(json_value(row["permissions"]))
+        if actor.kind != "admin":
+            if actor.org is None or not perms.process.allows(actor.org):
+                raise Forbidden(f"{actor.org or actor.kind} may not process model {key}")
+            if actor.org != row["owner"] and not await q.model_export_enabled(conn, row["owner"]):
+                raise Forbidden(f"{row['owner']} does not allow model export",
+                                code="model_export_disabled")
+    if row["disabled"]:
+        raise ApiProblem(410, "model_disabled", f"model {key} was transient and is deleted")
+    return await file_response(runtime.artifacts, row["checksum"], f"{key}.model")
+
+
+@router.get("/models")
+async def list_models(
+    _: PrincipalDep, runtime: RuntimeDep, compute_task_key: str | None = None,
+    owner: str | None = None, cursor: str | None = None, limit: Limit = 100,
+) -> dict[str, Any]:
+    after = decode_cursor(cursor, 1)
+    async with runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT * FROM models WHERE position > $1 "
+            "AND ($2::text IS NULL OR compute_task_key = $2) "
+            "AND ($3::text IS NULL OR owner = $3) ORDER BY position LIMIT $4",
+            after[0] if after else 0, compute_task_key, owner, limit + 1,
+        )
+    more = len(rows) > limit
+    items = [{k: v for k, v in dict(r).items() if k != "position"}
+             | {"permissions": json_value(r["permissions"])} for r in rows[:limit]]
+    return {"items": items,
+            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
+
+
+@router.get("/models/{key}")
+async def get_model(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", key)
+    if row is None:
+        raise NotFound(f"no model {key}")
+    return {k: v for k, v in dict(row).items() if k != "position"} | {
+        "permissions": json_value(row["permissions"])}
