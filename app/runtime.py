@@ -20,6 +20,7 @@ from app.domain.organizations import Principal
 from app.events.appender import Appender
 from app.events.codec import to_new_events
 from app.events.entries import AppendRequest, LedgerEntry
+from app.events.logs import TaskLogs
 from app.events.notifications import Notifications
 from app.events.outbox import Outbox, OutboxConfig
 from app.events.schema import create_schema
@@ -98,6 +99,8 @@ class Runtime:
                 self.pool, self.notifications, self.nats_url, self._outbox_config
             )
             await self.outbox.start()
+        self.logs = TaskLogs(self.pool)
+        await self.logs.ensure_schema()
         await self._load_admin_credentials()
 
     async def stop(self) -> None:

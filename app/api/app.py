@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import problems
-from app.api.routes import assets, compute, health, ledger, organizations
+from app.api.routes import assets, compute, datasets, health, ledger, organizations
 from app.runtime import Runtime
 
 
@@ -34,6 +34,6 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     )
     app.state.runtime = runtime
     problems.install(app)
-    for module in (health, organizations, assets, compute, ledger):
+    for module in (health, organizations, assets, compute, datasets, ledger):
         app.include_router(module.router)
     return app

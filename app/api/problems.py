@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.domain.errors import Conflict, DomainError, Forbidden, InvalidCommand, NotFound
+from app.storage.archives import UnsafeArchive
 from app.storage.artifacts import (
     ArtifactNotFound,
     ChecksumMismatch,
@@ -76,6 +77,7 @@ def install(app: FastAPI) -> None:
         status, code = {
             TooLarge: (413, "too_large"), ChecksumMismatch: (400, "checksum_mismatch"),
             InvalidChecksum: (400, "invalid_checksum"), ArtifactNotFound: (404, "unknown_file"),
+            UnsafeArchive: (400, "unsafe_archive"),
         }.get(type(exc), (500, "storage_error"))
         return problem(status, code, str(exc))
 

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_permissions
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.files import file_response
-from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
+from app.api.pagination import MAX_LIMIT
 from app.api.schemas_assets import (
     InputSpecIn,
     Metadata,
@@ -26,13 +27,14 @@ from app.api.schemas_assets import (
     Strict,
 )
 from app.domain import registration as rules
-from app.domain.errors import Forbidden, NotFound
+from app.domain.errors import Forbidden, InvalidCommand, NotFound
 from app.domain.functions import ImageSource, InputSpec, OutputSpec
 from app.domain.organizations import Principal
-from app.domain.permissions import Permission, Permissions, permission
+from app.domain.permissions import Permission
 from app.projections import queries as q
-from app.projections.queries import json_value
 from app.runtime import Runtime
+from app.storage.archives import has_root_dockerfile_async
+from app.storage.artifacts import FilesystemArtifactStore
 
 router = APIRouter(tags=["assets"])
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
@@ -55,55 +57,6 @@ async def upload_file(
         request.stream(), max_bytes=runtime.max_upload_bytes, expected_sha256=x_content_sha256
     )
     return {"checksum": stored.sha256, "size": stored.size}
-
-
-# --- shared helpers ---------------------------------------------------------------------------
-
-async def _permissions(runtime: Runtime, body: PermissionsIn, owner: str) -> Permissions:
-    async with runtime.pool.acquire() as conn:
-        orgs = await q.org_ids(conn)
-    process = permission(body.process.public, body.process.authorized_ids, owner, orgs)
-    download = process if body.download is None else permission(
-        body.download.public, body.download.authorized_ids, owner, orgs)
-    return Permissions(process, download)
-
-
-async def _exists(runtime: Runtime, key: str) -> bool:
-    async with runtime.pool.acquire() as conn:
-        return key in await q.existing_keys(conn, [key])
-
-
-async def _row(runtime: Runtime, table: str, key: str) -> dict[str, Any]:
-    async with runtime.pool.acquire() as conn:
-        row = await conn.fetchrow(f"SELECT * FROM {table} WHERE key = $1", key)
-    if row is None:
-        raise NotFound(f"no {table[:-1].replace('_', ' ')} {key}")
-    return _decode(dict(row))
-
-
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    row.pop("position", None)
-    return {k: json_value(v) if k in _JSON_FIELDS else v for k, v in row.items()}
-
-
-_JSON_FIELDS = {"permissions", "logs_permission", "metadata", "inputs", "outputs", "command",
-                "entrypoint", "environment", "files"}
-
-
-async def _list(
-    runtime: Runtime, table: str, cursor: str | None, limit: int, owner: str | None,
-    extra_sql: str = "", extra_args: tuple[Any, ...] = (),
-) -> dict[str, Any]:
-    after = decode_cursor(cursor, 1)
-    async with runtime.pool.acquire() as conn:
-        rows = await conn.fetch(
-            f"SELECT * FROM {table} WHERE position > $1 AND ($2::text IS NULL OR owner = $2) "
-            f"{extra_sql} ORDER BY position LIMIT $3",
-            after[0] if after else 0, owner, limit + 1, *extra_args,
-        )
-    more = len(rows) > limit
-    return {"items": [_decode(dict(r)) for r in rows[:limit]],
-            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
 
 
 async def _stream_file(runtime: Runtime, checksum: str, filename: str) -> StreamingResponse:
@@ -135,16 +88,16 @@ async def register_data_manager(
 ) -> dict[str, Any]:
     org = acting_org(actor)
     key = str(body.key or uuid.uuid4())
-    perms = await _permissions(runtime, body.permissions, org)
-    logs = (await _permissions(runtime, PermissionsIn(process=body.logs_permission), org)
+    perms = await resolve_permissions(runtime, body.permissions, org)
+    logs = (await resolve_permissions(runtime, PermissionsIn(process=body.logs_permission), org)
             ).process if body.logs_permission else perms.process
     event = rules.register_data_manager(
-        org, key, await _exists(runtime, key), body.name, body.description,
+        org, key, await asset_exists(runtime, key), body.name, body.description,
         body.opener_checksum, await runtime.artifacts.exists(body.opener_checksum.lower()),
         perms, logs, body.metadata,
     )
     await runtime.record(actor, org, [event], {f"data_manager/{key}": 0})
-    return await _row(runtime, "data_managers", key)
+    return await asset_row(runtime, "data_managers", key)
 
 
 @router.get("/data_managers")
@@ -152,18 +105,18 @@ async def list_data_managers(
     _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await _list(runtime, "data_managers", cursor, limit, owner)
+    return await list_assets(runtime, "data_managers", cursor, limit, owner)
 
 
 @router.get("/data_managers/{key}")
 async def get_data_manager(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await _row(runtime, "data_managers", key)
+    return await asset_row(runtime, "data_managers", key)
 
 
 @router.get("/data_managers/{key}/opener", response_model=None)
 async def download_opener(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> StreamingResponse:
     """The opener, for organizations that may process the data manager."""
-    row = await _row(runtime, "data_managers", key)
+    row = await asset_row(runtime, "data_managers", key)
     _require_process(actor, row["permissions"], f"data manager {key}")
     return await _stream_file(runtime, row["opener_checksum"], "opener.py")
 
@@ -197,11 +150,12 @@ async def register_data_sample(
     org = acting_org(actor)
     key = str(body.key or uuid.uuid4())
     event = rules.register_data_sample(
-        org, key, await _exists(runtime, key), await _dm_owners(runtime, body.data_manager_keys),
-        body.checksum.lower(), body.location, body.metadata,
+        org, key, await asset_exists(runtime, key),
+        await _dm_owners(runtime, body.data_manager_keys), body.checksum.lower(),
+        body.location, body.metadata,
     )
     await runtime.record(actor, org, [event], {f"data_sample/{key}": 0})
-    return await _row(runtime, "data_samples", key)
+    return await asset_row(runtime, "data_samples", key)
 
 
 @router.post("/data_samples/{key}/data_managers")
@@ -210,11 +164,11 @@ async def link_data_sample(
 ) -> dict[str, Any]:
     """The owner links an existing sample to more of its data managers."""
     org = acting_org(actor)
-    row = await _row(runtime, "data_samples", key)
+    row = await asset_row(runtime, "data_samples", key)
     event = rules.link_data_sample(org, key, row["owner"], row["data_manager_keys"],
                                    await _dm_owners(runtime, body.data_manager_keys))
     await runtime.record(actor, org, [event])
-    return await _row(runtime, "data_samples", key)
+    return await asset_row(runtime, "data_samples", key)
 
 
 @router.get("/data_samples")
@@ -222,14 +176,14 @@ async def list_data_samples(
     _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
     data_manager_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await _list(runtime, "data_samples", cursor, limit, owner,
+    return await list_assets(runtime, "data_samples", cursor, limit, owner,
                        "AND ($4::text IS NULL OR data_manager_keys @> ARRAY[$4])",
                        (data_manager_key,))
 
 
 @router.get("/data_samples/{key}")
 async def get_data_sample(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await _row(runtime, "data_samples", key)
+    return await asset_row(runtime, "data_samples", key)
 
 
 # --- functions --------------------------------------------------------------------------------
@@ -259,9 +213,11 @@ async def register_function(
     key = str(body.key or uuid.uuid4())
     stored = body.image_source is not ImageSource.IMAGE_REFERENCE and \
         await runtime.artifacts.exists(body.image.lower())
+    if stored and body.image_source is ImageSource.DOCKERFILE_ARCHIVE:
+        await _check_dockerfile_archive(runtime, body.image.lower())
     event = rules.register_function(
-        org, key, await _exists(runtime, key), body.name, body.description,
-        await _permissions(runtime, body.permissions, org),
+        org, key, await asset_exists(runtime, key), body.name, body.description,
+        await resolve_permissions(runtime, body.permissions, org),
         {n: InputSpec(s.kind, s.multiple, s.optional) for n, s in body.inputs.items()},
         {n: OutputSpec(s.kind, s.multiple) for n, s in body.outputs.items()},
         body.image_source,
@@ -269,7 +225,17 @@ async def register_function(
         stored, body.command, body.entrypoint, body.environment, body.gpu, body.metadata,
     )
     await runtime.record(actor, org, [event], {f"function/{key}": 0})
-    return await _row(runtime, "functions", key)
+    return await asset_row(runtime, "functions", key)
+
+
+async def _check_dockerfile_archive(runtime: Runtime, checksum: str) -> None:
+    """Refuse hostile archives (UnsafeArchive → 400) and ones with no root Dockerfile."""
+    store = runtime.artifacts
+    if isinstance(store, FilesystemArtifactStore) and not await has_root_dockerfile_async(
+        store.path(checksum)
+    ):
+        raise InvalidCommand("the archive has no Dockerfile at its root",
+                             code="missing_dockerfile")
 
 
 @router.get("/functions")
@@ -277,12 +243,12 @@ async def list_functions(
     _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await _list(runtime, "functions", cursor, limit, owner)
+    return await list_assets(runtime, "functions", cursor, limit, owner)
 
 
 @router.get("/functions/{key}")
 async def get_function(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await _row(runtime, "functions", key)
+    return await asset_row(runtime, "functions", key)
 
 
 @router.get("/functions/{key}/archive", response_model=None)
@@ -290,7 +256,7 @@ async def download_function(
     key: str, actor: PrincipalDep, runtime: RuntimeDep
 ) -> StreamingResponse:
     """The function's archive or image tarball, for organizations that may process it."""
-    row = await _row(runtime, "functions", key)
+    row = await asset_row(runtime, "functions", key)
     _require_process(actor, row["permissions"], f"function {key}")
     if row["image_source"] == ImageSource.IMAGE_REFERENCE:
         raise NotFound(f"function {key} refers to image {row['image']}; it has no file")
