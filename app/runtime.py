@@ -20,11 +20,13 @@ from app.domain.organizations import Principal
 from app.events.appender import Appender
 from app.events.codec import to_new_events
 from app.events.entries import AppendRequest, LedgerEntry
+from app.events.leases import TaskLeases
 from app.events.logs import TaskLogs
 from app.events.notifications import Notifications
 from app.events.outbox import Outbox, OutboxConfig
 from app.events.schema import create_schema
 from app.events.sequencer import Sequencer
+from app.execution.dispatcher import DispatchConfig, Dispatcher
 from app.projections.assets import AssetsView
 from app.projections.compute import ComputeView
 from app.projections.framework import Projection, Projector
@@ -59,6 +61,8 @@ class Runtime:
         artifacts_dir: Path | None = None,
         max_upload_bytes: int = 5 * 1024**3,
         outbox_config: OutboxConfig | None = None,
+        dispatch: bool = True,
+        dispatch_config: DispatchConfig | None = None,
     ) -> None:
         self.database_url = database_url
         self.nats_url = nats_url
@@ -70,6 +74,10 @@ class Runtime:
         self.generated_admin_token: str | None = None
         self._outbox_config = outbox_config
         self.outbox: Outbox | None = None
+        # Hands TODO tasks to runners over NATS (only with a NATS URL).
+        self._dispatch = dispatch
+        self.dispatcher: Dispatcher | None = None
+        self.dispatch_config = dispatch_config or DispatchConfig()
         self.artifacts: ArtifactStore = FilesystemArtifactStore(
             artifacts_dir if artifacts_dir is not None else default_home() / "artifacts"
         )
@@ -101,9 +109,17 @@ class Runtime:
             await self.outbox.start()
         self.logs = TaskLogs(self.pool)
         await self.logs.ensure_schema()
+        self.leases = TaskLeases(self.pool)
+        await self.leases.ensure_schema()
+        if self.nats_url is not None and self._dispatch:
+            self.dispatcher = Dispatcher(self.pool, self.notifications, self.nats_url,
+                                         self.dispatch_config)
+            await self.dispatcher.start()
         await self._load_admin_credentials()
 
     async def stop(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
         if self.outbox is not None:
             await self.outbox.stop()
         for component in (self.waiter, self.projector, self.sequencer, self.appender):

@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api import compute as compute_commands
 from app.api import problems
 from app.api.routes import assets, compute, datasets, health, ledger, organizations
+from app.execution.sweeper import LeaseSweeper
 from app.runtime import Runtime
 
 
@@ -19,9 +21,14 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if manage_runtime:
             await runtime.start()
+        # Runners that die mid-task: their tasks are retried or failed (INTERNAL).
+        sweeper = LeaseSweeper(runtime.leases,
+                               lambda run: compute_commands.expire_lease(runtime, run))
+        sweeper.start()
         try:
             yield
         finally:
+            await sweeper.stop()
             if manage_runtime:
                 await runtime.stop()
 

@@ -19,6 +19,7 @@ from app.api.schemas_assets import TaskActionIn, TaskIn
 from app.domain.errors import Conflict, Forbidden, NotFound
 from app.domain.events import DomainEvent
 from app.domain.functions import OutputKind
+from app.domain.leases import lease_expired
 from app.domain.organizations import Principal, ledger_of
 from app.domain.outputs import (
     FailureReportRegistered,
@@ -47,6 +48,7 @@ from app.domain.tasks import (
     transient_outputs_to_disable,
 )
 from app.events.appender import VersionConflict
+from app.events.leases import ExpiredRun, Lease
 from app.projections import queries as q
 from app.runtime import Runtime
 
@@ -176,12 +178,81 @@ async def _task(runtime: Runtime, key: str) -> tuple[StoredTask, int]:
     return found[key], versions[key]
 
 
-async def act_on_task(runtime: Runtime, actor: Principal, key: str, body: TaskActionIn) -> None:
-    """start / done / fail / cancel, with what follows automatically."""
+async def act_on_task(
+    runtime: Runtime, actor: Principal, key: str, body: TaskActionIn
+) -> Lease | None:
+    """start / done / fail / cancel, with what follows automatically.
+
+    A runner (`body.runner_id`) starting the task takes its lease first and gets it back;
+    its done/fail are refused (409 lease_lost) once another run took the task over.
+    """
     org = acting_org(actor)
     target = {"start": TaskStatus.DOING, "done": TaskStatus.DONE, "fail": TaskStatus.FAILED,
               "cancel": TaskStatus.CANCELED}[body.action]
+    runner = body.runner_id
+    if runner is None or target is TaskStatus.CANCELED:
+        await _change_status(runtime, actor, org, key, target, body)
+        return None
+    if target is not TaskStatus.DOING:
+        held = await runtime.leases.holder(key)
+        if held is None or held.runner_id != runner:
+            raise Conflict(f"runner {runner} no longer holds task {key}", code="lease_lost",
+                           key=key)
+        await _change_status(runtime, actor, org, key, target, body)
+        return held
+    task, _ = await _task(runtime, key)
+    if task.worker != org:  # checked again by the rule; no lease for a wrong sender
+        raise Forbidden(f"only the task's worker ({task.worker}) may start it",
+                        code="wrong_sender")
+    lease = await runtime.leases.grant(key, runner, body.lease_seconds)
+    if lease is None:
+        raise Conflict(f"task {key} is being run by another runner", code="task_leased", key=key)
+    try:
+        await _change_status(runtime, actor, org, key, target, body)
+    except BaseException:
+        await runtime.leases.release(lease)
+        raise
+    return lease
 
+
+async def expire_lease(runtime: Runtime, run: ExpiredRun) -> list[str]:
+    """A runner stopped renewing its lease: retry the task or fail it (INTERNAL).
+
+    Recorded on the worker's ledger by the system. Returns the new statuses (empty when
+    the task had moved on meanwhile)."""
+    system = Principal(kind="system")
+
+    async def attempt() -> list[str]:
+        task, version = await _task(runtime, run.task_key)
+        held = await runtime.leases.holder(run.task_key)
+        if held is None or held.attempt != run.attempt or held.runner_id != run.runner_id:
+            return []  # a new run started meanwhile
+        events = lease_expired(task, run.attempt, run.runner_id)
+        if not events:
+            return []
+        target = TaskStatus(events[0].data()["status"])
+        expected = {f"compute_task/{task.key}": version}
+        if target.final:
+            events += await _disable_transients(runtime, task, target, expected)
+        await runtime.record(system, task.worker, events, expected,
+                             reason=f"lease of runner {run.runner_id} expired "
+                                    f"(attempt {run.attempt})")
+        await _release_disabled(runtime, events)
+        return [target.value]
+
+    return await retrying(attempt)
+
+
+async def _release_disabled(runtime: Runtime, events: Sequence[DomainEvent]) -> None:
+    for event in events:
+        if isinstance(event, ModelDisabled):
+            await release_model_file(runtime, event.key)
+
+
+async def _change_status(
+    runtime: Runtime, actor: Principal, org: str, key: str, target: TaskStatus,
+    body: TaskActionIn,
+) -> None:
     async def attempt() -> None:
         task, version = await _task(runtime, key)
         expected = {f"compute_task/{key}": version}
@@ -201,9 +272,7 @@ async def act_on_task(runtime: Runtime, actor: Principal, key: str, body: TaskAc
         if target.final:
             events += await _disable_transients(runtime, task, target, expected)
         await runtime.record(actor, org, events, expected, reason=body.message)
-        for event in events:
-            if isinstance(event, ModelDisabled):
-                await release_model_file(runtime, event.key)
+        await _release_disabled(runtime, events)
 
     await retrying(attempt)
 

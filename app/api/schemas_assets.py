@@ -77,6 +77,15 @@ class TaskActionIn(Strict):
     error_type: Literal["BUILD", "EXECUTION", "INTERNAL"] | None = None
     message: str = Field(default="", max_length=10_000)
     logs_checksum: str | None = None
+    runner_id: str | None = Field(default=None, min_length=1, max_length=200, description=(
+        "A runner starting the task takes a lease on it (renewed with POST "
+        "/tasks/{key}/lease); done/fail with a runner_id are refused once it lost the lease"))
+    lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+
+
+class LeaseIn(Strict):
+    runner_id: str = Field(min_length=1, max_length=200)
+    lease_seconds: float = Field(default=30.0, ge=1, le=3600)
 
 
 class PerformanceIn(Strict):

@@ -25,9 +25,10 @@ Role = Literal["org", "auditor"]
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    """Who is acting: the administrator, an organization or an auditor."""
+    """Who is acting: the administrator, an organization, an auditor, or the system itself
+    (e.g. the lease sweeper failing a task whose runner died; it never holds a token)."""
 
-    kind: Literal["admin", "org", "auditor"]
+    kind: Literal["admin", "org", "auditor", "system"]
     org: str | None = None
     token_id: str | None = None
 

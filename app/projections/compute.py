@@ -46,6 +46,9 @@ class ComputeView(Projection):
     CREATE INDEX IF NOT EXISTS compute_tasks_plan ON compute_tasks (compute_plan_key, position);
     CREATE INDEX IF NOT EXISTS compute_tasks_worker ON compute_tasks (worker, status, position);
     CREATE INDEX IF NOT EXISTS compute_tasks_parents ON compute_tasks USING gin (parent_task_keys);
+    -- What the dispatcher and the lease sweeper look for, among many final tasks.
+    CREATE INDEX IF NOT EXISTS compute_tasks_open ON compute_tasks (status, position)
+        WHERE status IN ('TODO', 'DOING');
     CREATE TABLE IF NOT EXISTS models (
         key text PRIMARY KEY, compute_task_key text NOT NULL, identifier text NOT NULL,
         owner text NOT NULL, permissions jsonb NOT NULL, checksum text NOT NULL,

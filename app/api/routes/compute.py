@@ -16,14 +16,16 @@ from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
 from app.api.problems import ApiProblem
 from app.api.schemas_assets import (
     ComputePlanIn,
+    LeaseIn,
     ModelOutputIn,
     PerformanceIn,
     TaskActionIn,
     TaskBatchIn,
     plan_json,
 )
-from app.domain.errors import Forbidden, InvalidCommand, NotFound
+from app.domain.errors import Conflict, Forbidden, InvalidCommand, NotFound
 from app.domain.permissions import Permissions
+from app.events.leases import Lease
 from app.projections import queries as q
 from app.projections.queries import json_value
 from app.runtime import Runtime
@@ -185,9 +187,38 @@ async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, 
 async def task_action(
     key: str, body: TaskActionIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
-    """start / done / fail (with a failure report) by the worker; cancel by the owner."""
-    await compute.act_on_task(runtime, actor, key, body)
-    return await _task(runtime, key)
+    """start / done / fail (with a failure report) by the worker; cancel by the owner.
+
+    A runner passes its `runner_id` to start: the answer then carries its `lease`, which it
+    renews with POST /tasks/{key}/lease until it reports done or fail."""
+    lease = await compute.act_on_task(runtime, actor, key, body)
+    task = await _task(runtime, key)
+    if lease is not None:
+        task["lease"] = lease_json(lease)
+    return task
+
+
+@router.post("/tasks/{key}/lease")
+async def renew_lease(
+    key: str, body: LeaseIn, actor: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    """The runner running the task renews its lease and learns the task's status (a
+    status other than DOING is the runner's cue to stop its container). 409 lease_lost
+    when another run took the task over."""
+    org = compute.acting_org(actor)
+    task = await _task(runtime, key)
+    if task["worker"] != org:
+        raise Forbidden(f"only the worker {task['worker']} runs {key}", code="wrong_sender")
+    lease = await runtime.leases.renew(key, body.runner_id, body.lease_seconds)
+    if lease is None:
+        raise Conflict(f"runner {body.runner_id} no longer holds task {key}",
+                       code="lease_lost", key=key)
+    return {"task_key": key, "status": task["status"], "lease": lease_json(lease)}
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return {"runner_id": lease.runner_id, "attempt": lease.attempt,
+            "expires_at": lease.expires_at.isoformat()}
 
 
 @router.post("/tasks/{key}/outputs/{identifier}/performance",
