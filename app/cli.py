@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -159,10 +160,14 @@ async def _serve(
     assert stack.database_url is not None
     runtime = Runtime(stack.database_url, stack.nats_url, settings.admin_token)
     await runtime.start()
+    local = None
     try:
         if stopper.requested is not None:
             return
         from app.api.app import create_app
+
+        if stack.nats_url is not None and settings.local_runners != "none":
+            local = await _local_runners(runtime, stack.nats_url, settings, host, port)
 
         config = uvicorn.Config(
             create_app(runtime, manage_runtime=False), host=host, port=port,
@@ -180,7 +185,25 @@ async def _serve(
             announce.cancel()
     finally:
         stopper.task = None
+        if local is not None:
+            await local.stop()
         await runtime.stop()
+
+
+async def _local_runners(
+    runtime: Runtime, nats_url: str, settings: Settings, host: str, port: int
+) -> Any:
+    """Runners for the organizations (CONSORT_LOCAL_RUNNERS), started once the API is up."""
+    from runner.contract import choose_backend
+    from runner.local import LocalRunners
+
+    choice = await asyncio.to_thread(choose_backend)
+    out.print(f"Runners: {choice.backend.name} backend ({choice.reason}); one per organization"
+              f" ({settings.local_runners})", markup=False)
+    local = LocalRunners(runtime, f"http://{_browsable(host)}:{port}", nats_url,
+                         settings.home, choice.backend, setting=settings.local_runners)
+    local.start()
+    return local
 
 
 @cli.command()
@@ -383,7 +406,69 @@ def verify(
     raise typer.Exit(code)
 
 
+@cli.command("runner")
+def runner_command(
+    org: str = typer.Option(..., "--org", help="The organization whose tasks to run."),
+    api_url: str = typer.Option(
+        "http://127.0.0.1:8000", "--api-url", envvar="CONSORT_API_URL", help="The Consort API."),
+    token: str = typer.Option(
+        ..., "--token", envvar="CONSORT_RUNNER_TOKEN", help="An API token of the organization."),
+    nats_url: str | None = typer.Option(
+        None, "--nats-url", envvar="CONSORT_NATS_URL",
+        help="NATS with JetStream (default: the embedded one under CONSORT_HOME)."),
+    concurrency: int = typer.Option(2, "--concurrency", min=1, help="Tasks run at once."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="docker or subprocess (default: docker when an engine answers)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a task is killed."),
+    cpus: float | None = typer.Option(None, "--cpus", help="CPU limit per task."),
+    memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory limit per task."),
+    lease_s: float = typer.Option(
+        30.0, "--lease-seconds", help="How long a task stays ours without a renewal."),
+    tasks_stream: str = typer.Option("CONSORT_TASKS", "--tasks-stream", hidden=True),
+    tasks_prefix: str = typer.Option("consort.tasks", "--tasks-subject-prefix", hidden=True),
+) -> None:
+    """Run ORG's tasks: take them from NATS, run their containers, report back."""
+    from app.execution.dispatcher import DispatchConfig
+    from runner.contract import BackendOptions, choose_backend
+    from runner.worker import Runner, RunnerConfig
+
+    settings = Settings.from_env()
+    url = nats_url or _embedded_nats_url(settings.home)
+    if url is None:
+        err.print("[red]error:[/] no NATS: set CONSORT_NATS_URL or --nats-url")
+        raise typer.Exit(1)
+    choice = choose_backend(BackendOptions(prefer=backend))
+    config = RunnerConfig(
+        api_url=api_url, token=token, org=org, nats_url=url,
+        home=settings.home / "runner" / org, concurrency=concurrency, task_timeout_s=timeout,
+        cpus=cpus, memory_bytes=memory_mb * 1024**2 if memory_mb else None, lease_s=lease_s,
+        heartbeat_s=min(2.0, lease_s / 3),
+        dispatch=DispatchConfig(stream=tasks_stream, subject_prefix=tasks_prefix))
+    out.print(f"Runner {config.runner_id} for {org}: {choice.backend.name} backend "
+              f"({choice.reason}), {concurrency} task(s) at a time. Ctrl-C stops it.",
+              markup=False)
+    _terminate_as_interrupt()
+
+    async def run() -> None:
+        runner = Runner(config, choice.backend)
+        await runner.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            out.print("Stopping: running tasks get 30 s to finish, then are handed back.")
+            await runner.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+def _embedded_nats_url(home: Path) -> str | None:
+    path = home / "nats" / "url"
+    return path.read_text().strip() if path.exists() else None
+
+
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cli()
 
 

@@ -20,6 +20,8 @@ class Settings:
     admin_token: str | None
     host: str = "127.0.0.1"
     port: int = 8000
+    # Organizations `consort serve` runs a runner for: "all", "none" or "org-a,org-b".
+    local_runners: str = "all"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -31,4 +33,5 @@ class Settings:
             admin_token=os.environ.get("CONSORT_ADMIN_TOKEN") or None,
             host=os.environ.get("CONSORT_HOST", "127.0.0.1"),
             port=int(os.environ.get("CONSORT_PORT", "8000")),
+            local_runners=os.environ.get("CONSORT_LOCAL_RUNNERS", "all"),
         )

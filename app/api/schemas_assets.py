@@ -86,6 +86,9 @@ class TaskActionIn(Strict):
 class LeaseIn(Strict):
     runner_id: str = Field(min_length=1, max_length=200)
     lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    release: bool = Field(default=False, description=(
+        "Give the task back now (runner shutting down): it returns to TODO for another "
+        "runner without counting as an attempt"))
 
 
 class PerformanceIn(Strict):

@@ -130,7 +130,8 @@ def issue_token(
     token_id: str,
     token_sha256: str,
 ) -> TokenIssued:
-    """Admin issues any token; an organization may issue more tokens for itself."""
+    """Admin issues any token; an organization may issue more tokens for itself; the
+    system issues the tokens of the runners `consort serve` runs for organizations."""
     actor.require_writer()
     if role == "auditor":
         actor.require_admin()
@@ -141,7 +142,7 @@ def issue_token(
     else:
         if org is None:
             raise InvalidCommand("an organization token needs an org", code="invalid_token")
-        if actor.kind != "admin" and actor.org != org:
+        if actor.kind not in ("admin", "system") and actor.org != org:
             raise Forbidden("an organization may issue tokens only for itself")
         if not org_exists:
             raise InvalidCommand(f"unknown organization {org!r}", code="unknown_org")

@@ -188,3 +188,23 @@ async def disabled_outputs(
         "WHERE compute_task_key = ANY($1) AND disabled", list(set(task_keys)),
     )
     return frozenset((r["compute_task_key"], r["identifier"]) for r in rows)
+
+
+async def is_input_of_running_task(
+    conn: asyncpg.Connection, org: str, task_key: str, asset_key: str,
+    producer_task_key: str | None, producer_output: str | None,
+) -> bool:
+    """`org` is the worker of `task_key`, which is DOING and takes this asset as input
+    (by key, or as the output `producer_output` of its parent `producer_task_key`)."""
+    row = await conn.fetchrow(
+        "SELECT inputs FROM compute_tasks WHERE key = $1 AND worker = $2 AND status = 'DOING'",
+        task_key, org)
+    if row is None:
+        return False
+    for item in json_value(row["inputs"]):
+        if item.get("asset_key") == asset_key:
+            return True
+        if producer_task_key is not None and item.get("parent_task_key") == producer_task_key \
+                and item.get("parent_output") == producer_output:
+            return True
+    return False

@@ -210,6 +210,8 @@ async def renew_lease(
     if task["worker"] != org:
         raise Forbidden(f"only the worker {task['worker']} runs {key}", code="wrong_sender")
     lease = await runtime.leases.renew(key, body.runner_id, body.lease_seconds)
+    if lease is not None and body.release:
+        await runtime.leases.release(lease)
     if lease is None:
         raise Conflict(f"runner {body.runner_id} no longer holds task {key}",
                        code="lease_lost", key=key)
@@ -248,9 +250,12 @@ async def register_model(
 
 
 @router.get("/models/{key}/file", response_model=None)
-async def download_model(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> StreamingResponse:
-    """A model file: needs process permission on the model and the worker org's
-    `model_export_enabled` (runners of authorized orgs fetch inputs the same way)."""
+async def download_model(
+    key: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
+) -> StreamingResponse:
+    """A model file: needs process permission on the model, and either the owner's
+    `model_export_enabled` or `for_task`: a DOING task of the caller's that takes this
+    model as input (how a runner fetches its inputs; export is about people)."""
     async with runtime.pool.acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", key)
         if row is None:
@@ -259,7 +264,10 @@ async def download_model(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> 
         if actor.kind != "admin":
             if actor.org is None or not perms.process.allows(actor.org):
                 raise Forbidden(f"{actor.org or actor.kind} may not process model {key}")
-            if actor.org != row["owner"] and not await q.model_export_enabled(conn, row["owner"]):
+            runs_it = for_task is not None and await q.is_input_of_running_task(
+                conn, actor.org, for_task, key, row["compute_task_key"], row["identifier"])
+            if actor.org != row["owner"] and not runs_it and \
+                    not await q.model_export_enabled(conn, row["owner"]):
                 raise Forbidden(f"{row['owner']} does not allow model export",
                                 code="model_export_disabled")
     if row["disabled"]:

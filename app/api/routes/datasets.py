@@ -97,20 +97,32 @@ async def get_dataset(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[st
     return await asset_row(runtime, "datasets", key)
 
 
-def _require_download(actor: Principal, row: dict[str, Any]) -> None:
+async def _require_download(
+    runtime: Runtime, actor: Principal, row: dict[str, Any], for_task: str | None
+) -> None:
+    """Download permission, or process permission for `for_task`: a DOING task of the
+    caller's that takes this dataset as input (how a runner fetches its inputs)."""
     if actor.kind == "admin":
         return
     perm = Permission.from_json(row["permissions"]["download"])
-    if actor.org is None or not perm.allows(actor.org):
-        raise Forbidden(f"{actor.org or actor.kind} may not download dataset {row['key']}")
+    if actor.org is not None and perm.allows(actor.org):
+        return
+    process = Permission.from_json(row["permissions"]["process"])
+    if actor.org is not None and for_task is not None and process.allows(actor.org):
+        async with runtime.pool.acquire() as conn:
+            if await q.is_input_of_running_task(conn, actor.org, for_task, row["key"],
+                                                row.get("compute_task_key"),
+                                                row.get("identifier")):
+                return
+    raise Forbidden(f"{actor.org or actor.kind} may not download dataset {row['key']}")
 
 
 @router.get("/datasets/{key}/files/{path:path}", response_model=None)
 async def download_dataset_file(
-    key: str, path: str, actor: PrincipalDep, runtime: RuntimeDep
+    key: str, path: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
     row = await asset_row(runtime, "datasets", key)
-    _require_download(actor, row)
+    await _require_download(runtime, actor, row, for_task)
     match = next((f for f in row["files"] if f["path"] == path), None)
     if match is None:
         raise NotFound(f"dataset {key} has no file {path!r}")
@@ -119,11 +131,11 @@ async def download_dataset_file(
 
 @router.get("/datasets/{key}/zip", response_model=None)
 async def download_dataset_zip(
-    key: str, actor: PrincipalDep, runtime: RuntimeDep
+    key: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
     """The whole dataset as one zip, its file tree preserved."""
     row = await asset_row(runtime, "datasets", key)
-    _require_download(actor, row)
+    await _require_download(runtime, actor, row, for_task)
     store = runtime.artifacts
     if not isinstance(store, FilesystemArtifactStore):
         raise ApiProblem(501, "not_supported", "zip downloads need the filesystem store")

@@ -1,0 +1,377 @@
+"""The runner: takes its organization's TODO tasks from JetStream and runs them.
+
+All runners of one organization share one durable pull consumer on the organization's
+subject of the work-queue stream, so each message goes to one of them. A message only
+says "this task is TODO"; the runner then asks the API to start the task with its
+runner id, which takes the task's lease: if another runner holds it, or the task is no
+longer TODO (a JetStream redelivery, a duplicate), the API says no and the message is
+dropped. So a task never runs twice at once, whatever NATS delivers.
+
+While a task runs the runner renews its lease every few seconds; the answer carries the
+task's status, and anything but DOING (canceled by its owner, or handed to another run)
+stops the container. If this runner dies, the lease expires and the API retries the
+task on another runner once, then fails it (INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
+from runner.api import ApiError, ChecksumMismatch, RunnerApi
+from runner.cache import FileCache
+from runner.contract import Backend, BuildError, ImageSourceKind, ImageSpec, RunResult, RunSpec
+from runner.workspace import ExecutionFailure, InputUnavailable, Workspace
+
+log = logging.getLogger(__name__)
+
+# A copy of the log is kept to store it as the failure report's artifact; past this size
+# only its head and tail are kept (the API keeps the whole log).
+LOG_COPY_MAX = 4 * 1024**2
+
+
+def default_runner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    api_url: str
+    token: str
+    org: str
+    nats_url: str
+    home: Path
+    runner_id: str = dataclasses.field(default_factory=default_runner_id)
+    concurrency: int = 2
+    lease_s: float = 30.0
+    # How often the lease is renewed, hence how fast a cancel stops the container.
+    heartbeat_s: float = 2.0
+    task_timeout_s: float = 3600.0
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    cache_max_bytes: int = 10 * 1024**3
+    dispatch: DispatchConfig = DispatchConfig()
+    # A running task is given this long to finish when the runner stops; then it is
+    # stopped and handed back (its lease released at once, for another runner).
+    drain_s: float = 30.0
+
+    @property
+    def durable(self) -> str:
+        return "runners-" + self.dispatch.worker_subject(self.org).rsplit(".", 1)[-1]
+
+
+class Runner:
+    def __init__(self, config: RunnerConfig, backend: Backend,
+                 *, api: RunnerApi | None = None) -> None:
+        self.config = config
+        self.backend = backend
+        self.api = api or RunnerApi(config.api_url, config.token)
+        self.cache = FileCache(config.home / "cache", config.cache_max_bytes)
+        self.workdirs = config.home / "tasks"
+        self._nc: NatsClient | None = None
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancels: dict[str, asyncio.Event] = {}
+        self._stopping = asyncio.Event()
+        # Tasks stopped by our own shutdown: their leases are released, not left to expire.
+        self._handing_back: set[str] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._images: dict[str, str] = {}
+        self._image_locks: dict[str, asyncio.Lock] = {}
+        # Figures for tests and bench: task key → time the start was accepted / the
+        # process started (monotonic).
+        self.started_at: dict[str, float] = {}
+        self.results: dict[str, RunResult] = {}
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.workdirs.mkdir(parents=True, exist_ok=True)
+        self._loop_task = asyncio.create_task(self._consume(), name=f"runner-{self.config.org}")
+        log.info("runner %s for %s started (%s backend, %d at a time)", self.config.runner_id,
+                 self.config.org, self.backend.name, self.config.concurrency)
+
+    async def stop(self, *, drain_s: float | None = None) -> None:
+        """Stop taking tasks; let running ones finish within `drain_s`, then stop their
+        containers and hand them back to be run elsewhere."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        running = list(self._running.values())
+        if running:
+            _, pending = await asyncio.wait(
+                running, timeout=self.config.drain_s if drain_s is None else drain_s)
+            for key, task in list(self._running.items()):
+                if task in pending:
+                    self._handing_back.add(key)
+                    self._cancels[key].set()
+            if pending:
+                await asyncio.wait(pending, timeout=15)
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                await asyncio.wait_for(self._nc.close(), timeout=5)
+        await self.api.close()
+        await self.backend.close()
+
+    # -- taking tasks ----------------------------------------------------------------------
+
+    async def _subscription(self) -> Any:
+        cfg = self.config
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await nats.connect(
+                cfg.nats_url, name=f"consort-runner-{cfg.runner_id}", allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=2)
+        js = self._nc.jetstream()
+        await ensure_tasks_stream(js, cfg.dispatch)
+        # ack_wait only covers a runner dying between fetch and start: once started, the
+        # lease (not JetStream) decides who runs the task.
+        return await js.pull_subscribe(
+            cfg.dispatch.worker_subject(cfg.org), durable=cfg.durable, stream=cfg.dispatch.stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+                                  max_ack_pending=-1))
+
+    async def _consume(self) -> None:
+        sub = None
+        while not self._stopping.is_set():
+            try:
+                if sub is None:
+                    sub = await self._subscription()
+                await self._slots.acquire()
+                try:
+                    msgs = await sub.fetch(1, timeout=5)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                for msg in msgs:
+                    self._spawn_for(msg)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                log.warning("runner %s: NATS unavailable (%s); retrying", self.config.org, exc)
+                sub = None
+                await asyncio.sleep(1)
+
+    def _spawn_for(self, msg: Msg) -> None:
+        async def handle() -> None:
+            try:
+                await self._handle(msg)
+            finally:
+                self._slots.release()
+
+        task = asyncio.create_task(handle())
+        key = _task_key(msg)
+        self._running[key] = task
+        task.add_done_callback(lambda _: self._running.pop(key, None))
+
+    async def _handle(self, msg: Msg) -> None:
+        key = _task_key(msg)
+        try:
+            started = await self.api.act(key, "start", self.config.runner_id,
+                                         lease_seconds=self.config.lease_s)
+        except ApiError as exc:
+            # Not TODO any more, being run by another runner, or gone: not ours to run.
+            log.debug("task %s not started: %s", key, exc)
+            await msg.ack()
+            return
+        except httpx.TransportError as exc:
+            log.warning("task %s: API unreachable (%s); redelivering", key, exc)
+            await msg.nak(delay=2)
+            return
+        await msg.ack()
+        self.started_at[key] = time.monotonic()
+        await self._execute(started)
+
+    # -- running one task ------------------------------------------------------------------
+
+    async def _execute(self, task: dict[str, Any]) -> None:
+        key = task["key"]
+        cancel = asyncio.Event()
+        self._cancels[key] = cancel
+        logs = LogShipper(self.api, key)
+        heartbeat = asyncio.create_task(self._heartbeat(key, cancel))
+        workdir = self.workdirs / f"{key}-{task['lease']['attempt']}"
+        try:
+            await self._run(task, workdir, logs, cancel)
+        except BuildError as exc:
+            await logs.write(f"[consort] image build failed: {exc}\n".encode())
+            await self._fail(key, logs, "BUILD", str(exc))
+        except ExecutionFailure as exc:
+            await logs.write(f"[consort] {exc}\n".encode())
+            await self._fail(key, logs, "EXECUTION", str(exc))
+        except (InputUnavailable, ChecksumMismatch, ApiError, httpx.HTTPError, OSError) as exc:
+            log.warning("task %s: %s", key, exc)
+            await self._fail(key, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - anything of ours fails the task, never hangs it
+            log.exception("task %s: internal error", key)
+            await self._fail(key, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await logs.close()
+            self._cancels.pop(key, None)
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def _run(self, task: dict[str, Any], workdir: Path, logs: LogShipper,
+                   cancel: asyncio.Event) -> None:
+        key = task["key"]
+        function = await self.api.asset("functions", task["function_key"])
+        image = await self._image(function)
+        workspace = Workspace(self.api, self.cache, task, function, workdir)
+        inputs = await workspace.prepare_inputs()
+        outputs = workspace.output_entries()
+        spec = RunSpec(
+            task_key=key, image=image, command=list(function["command"]),
+            entrypoint=function.get("entrypoint"), environment=dict(function["environment"]),
+            gpu=bool(function["gpu"]), workdir=workdir, inputs=inputs, outputs=outputs,
+            timeout_s=self.config.task_timeout_s, cpus=self.config.cpus,
+            memory_bytes=self.config.memory_bytes,
+        )
+        result = await self.backend.run(spec, logs.write, cancel)
+        self.results[key] = result
+        await logs.flush()
+        if cancel.is_set():
+            if key in self._handing_back:
+                await self._hand_back(key)
+            return  # canceled by its owner, or another run holds it now: nothing to report
+        if result.timed_out:
+            raise ExecutionFailure(f"timed out after {self.config.task_timeout_s:g} s")
+        if result.exit_code != 0:
+            raise ExecutionFailure(f"the function exited with code {result.exit_code}")
+        await workspace.register_outputs(outputs)
+        await self.api.act(key, "done", self.config.runner_id)
+
+    async def _image(self, function: dict[str, Any]) -> str:
+        key = function["key"]
+        lock = self._image_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._images:
+                return self._images[key]
+            source = ImageSourceKind(function["image_source"])
+            archive: Path | None = None
+            checksum: str | None = None
+            if source is not ImageSourceKind.IMAGE_REFERENCE:
+                checksum = str(function["image"])
+                archive = await self.cache.get(checksum, lambda path: self.api.download(
+                    f"/functions/{key}/archive", path, checksum))
+            image = await self.backend.prepare_image(ImageSpec(
+                function_key=key, source=source, checksum=checksum, archive_path=archive,
+                reference=function["image"] if archive is None else None))
+            self._images[key] = image
+            return image
+
+    async def _heartbeat(self, key: str, cancel: asyncio.Event) -> None:
+        while not cancel.is_set():
+            await asyncio.sleep(self.config.heartbeat_s)
+            try:
+                status = await self.api.renew(key, self.config.runner_id, self.config.lease_s)
+            except ApiError as exc:
+                log.warning("task %s: lease lost (%s); stopping it", key, exc.code)
+                cancel.set()
+                return
+            except httpx.TransportError as exc:
+                log.warning("task %s: lease not renewed (%s)", key, exc)
+                continue
+            if status != "DOING":
+                log.info("task %s is %s; stopping it", key, status)
+                cancel.set()
+
+    async def _hand_back(self, key: str) -> None:
+        with contextlib.suppress(ApiError, httpx.HTTPError):
+            await self.api.release(key, self.config.runner_id)
+
+    async def _fail(self, key: str, logs: LogShipper, error_type: str, message: str) -> None:
+        if self._cancels.get(key, asyncio.Event()).is_set():
+            return  # canceled or taken over: the task is not ours to fail
+        await logs.flush()
+        checksum = None
+        with contextlib.suppress(ApiError, httpx.HTTPError, OSError):
+            checksum = await logs.store()
+        try:
+            await self.api.act(key, "fail", self.config.runner_id, error_type=error_type,
+                               message=message[:10_000], logs_checksum=checksum)
+        except (ApiError, httpx.HTTPError) as exc:
+            # The lease will expire and the API retries or fails the task itself.
+            log.warning("task %s: could not report the failure: %s", key, exc)
+
+
+def _task_key(msg: Msg) -> str:
+    return str(json.loads(msg.data)["task_key"])
+
+
+class LogShipper:
+    """Appends a task's stdout/stderr to its log through the API while it runs, in
+    order, in pieces of at most 64 kB sent at most every 0.2 s."""
+
+    PIECE = 64 * 1024
+
+    def __init__(self, api: RunnerApi, key: str, every_s: float = 0.2) -> None:
+        self.api = api
+        self.key = key
+        self.every_s = every_s
+        self._pending = bytearray()
+        self._copy = bytearray()
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._ship())
+
+    async def write(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._copy) < LOG_COPY_MAX:
+            self._copy += data[: LOG_COPY_MAX - len(self._copy)]
+        if len(self._pending) >= self.PIECE:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._pending:
+                piece = bytes(self._pending[: self.PIECE])
+                try:
+                    await self.api.append_logs(self.key, piece)
+                except (ApiError, httpx.HTTPError) as exc:
+                    log.warning("task %s: log lost (%s)", self.key, exc)
+                del self._pending[: len(piece)]
+
+    async def store(self) -> str:
+        """Upload the log as an artifact (for the failure report); returns its SHA-256."""
+        with tempfile.TemporaryDirectory(prefix="consort-log-") as tmp:
+            path = Path(tmp) / "log"
+            path.write_bytes(bytes(self._copy))
+            return await self.api.upload(path)
+
+    async def _ship(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.every_s)
+            self._wake.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.flush()
