@@ -98,7 +98,7 @@ class Stack:
     async def plan(self, org: str, tasks: list[dict[str, Any]]) -> str:
         r = await self.post(org, "/compute_plans", json={"name": "plan", "tasks": tasks})
         assert r.status_code == 201, r.text
-        return str(r.json()["key"])
+        return str(r.json()["plan"]["key"])
 
     async def task(self, org: str, key: str) -> dict[str, Any]:
         r = await self.get(org, f"/tasks/{key}")
