@@ -98,9 +98,9 @@ class Runner:
         self._loop_task: asyncio.Task[None] | None = None
         self._images: dict[str, str] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
-        # Figures for tests and bench: task key → time the start was accepted / the
-        # process started (monotonic).
-        self.started_at: dict[str, float] = {}
+        # Figures for tests and bench: task key → monotonic time of each phase (fetched
+        # from NATS, start accepted by the API, inputs ready), and how the run ended.
+        self.phases: dict[str, dict[str, float]] = {}
         self.results: dict[str, RunResult] = {}
 
     # -- lifetime --------------------------------------------------------------------------
@@ -189,6 +189,7 @@ class Runner:
 
     async def _handle(self, msg: Msg) -> None:
         key = _task_key(msg)
+        fetched = time.monotonic()
         try:
             started = await self.api.act(key, "start", self.config.runner_id,
                                          lease_seconds=self.config.lease_s)
@@ -201,8 +202,8 @@ class Runner:
             log.warning("task %s: API unreachable (%s); redelivering", key, exc)
             await msg.nak(delay=2)
             return
+        self.phases[key] = {"fetched": fetched, "started": time.monotonic()}
         await msg.ack()
-        self.started_at[key] = time.monotonic()
         await self._execute(started)
 
     # -- running one task ------------------------------------------------------------------
@@ -244,6 +245,7 @@ class Runner:
         workspace = Workspace(self.api, self.cache, task, function, workdir)
         inputs = await workspace.prepare_inputs()
         outputs = workspace.output_entries()
+        self.phases.setdefault(key, {})["prepared"] = time.monotonic()
         spec = RunSpec(
             task_key=key, image=image, command=list(function["command"]),
             entrypoint=function.get("entrypoint"), environment=dict(function["environment"]),
