@@ -197,6 +197,8 @@ async def _local_runners(
     from runner.contract import choose_backend
     from runner.local import LocalRunners
 
+    # Runner messages (task lost, lease problems) beside uvicorn's own log lines.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
     choice = await asyncio.to_thread(choose_backend)
     out.print(f"Runners: {choice.backend.name} backend ({choice.reason}); one per organization"
               f" ({settings.local_runners})", markup=False)
@@ -432,6 +434,7 @@ def runner_command(
     from runner.contract import BackendOptions, choose_backend
     from runner.worker import Runner, RunnerConfig
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
     url = nats_url or _embedded_nats_url(settings.home)
     if url is None:
@@ -468,7 +471,6 @@ def _embedded_nats_url(home: Path) -> str | None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cli()
 
 

@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
+from app.metrics import CONTAINER_SECONDS
 from runner.api import ApiError, ChecksumMismatch, RunnerApi
 from runner.cache import FileCache
 from runner.contract import Backend, BuildError, ImageSourceKind, ImageSpec, RunResult, RunSpec
@@ -255,6 +256,9 @@ class Runner:
         )
         result = await self.backend.run(spec, logs.write, cancel)
         self.results[key] = result
+        outcome = ("canceled" if result.canceled else "timed_out" if result.timed_out
+                   else "ok" if result.exit_code == 0 else "failed")
+        CONTAINER_SECONDS.labels(self.backend.name, outcome).observe(result.duration_s)
         await logs.flush()
         if cancel.is_set():
             if key in self._handing_back:

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from app.api import compute as compute_commands
 from app.api import problems
-from app.api.routes import assets, compute, datasets, health, ledger, organizations
+from app.api.routes import assets, compute, datasets, health, ledger, metrics, organizations
 from app.execution.sweeper import LeaseSweeper
 from app.runtime import Runtime
 
@@ -41,6 +41,7 @@ def create_app(runtime: Runtime, *, manage_runtime: bool = True) -> FastAPI:
     )
     app.state.runtime = runtime
     problems.install(app)
-    for module in (health, organizations, assets, compute, datasets, ledger):
+    metrics.install(app)
+    for module in (health, metrics, organizations, assets, compute, datasets, ledger):
         app.include_router(module.router)
     return app

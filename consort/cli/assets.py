@@ -1,0 +1,294 @@
+"""`consort function|data-manager|sample|dataset`: register and read assets."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import BaseModel
+
+from consort.cli._common import (
+    JsonOption,
+    client,
+    handled,
+    out,
+    parse_pairs,
+    permissions,
+    print_json,
+    show_one,
+    show_rows,
+    transfer,
+)
+from consort.client import Client
+
+PublicOption = Annotated[bool, typer.Option("--public", help="Anyone may process it.")]
+AuthorizedOption = Annotated[list[str], typer.Option(
+    "--authorized", help="Organizations that may process it (repeatable or comma-separated)")]
+MetadataOption = Annotated[list[str], typer.Option("--metadata", help="KEY=VALUE (repeatable)")]
+SKIPPED = {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache"}
+
+
+def _reader(
+    group: typer.Typer, columns: list[str], iterate: Callable[[Client], Iterator[BaseModel]],
+    get: Callable[[Client, str], BaseModel], what: str,
+) -> None:
+    """`list` and `show KEY` for one kind of asset."""
+
+    @group.command("list", help=f"Every {what} visible to you.")
+    @handled
+    def list_(as_json: JsonOption = False) -> None:
+        with client() as api:
+            show_rows(iterate(api), columns, as_json)
+
+    @group.command("show", help=f"One {what}.")
+    @handled
+    def show(key: str, as_json: JsonOption = False) -> None:
+        with client() as api:
+            show_one(get(api, key), as_json)
+
+
+# --- functions -----------------------------------------------------------------------------
+
+function = typer.Typer(help="Functions (algorithms): an image, a command, inputs, outputs.",
+                       no_args_is_help=True)
+
+
+def _io_specs(values: list[str], kind_of: str) -> dict[str, dict[str, Any]]:
+    """NAME:KIND[:multiple][:optional] options into the function's inputs/outputs."""
+    specs: dict[str, dict[str, Any]] = {}
+    for value in values:
+        name, *rest = value.split(":")
+        if not name or not rest:
+            raise typer.BadParameter(f"{kind_of} must look like NAME:KIND[:multiple]"
+                                     f"[:optional], not {value!r}")
+        spec: dict[str, Any] = {"kind": rest[0].upper()}
+        for flag in rest[1:]:
+            if flag not in ("multiple", "optional"):
+                raise typer.BadParameter(f"unknown flag {flag!r} in {value!r}")
+            spec[flag] = True
+        specs[name] = spec
+    return specs
+
+
+def archive_folder(folder: Path, dest: Path) -> Path:
+    """The folder as a tar.gz with its files at the root (the Dockerfile among them)."""
+    if not (folder / "Dockerfile").is_file():
+        raise ValueError(f"{folder} has no Dockerfile: give --image or --image-tarball")
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if SKIPPED & set(Path(info.name).parts) else info
+
+    with tarfile.open(dest, "w:gz") as tar:
+        for child in sorted(folder.iterdir()):
+            tar.add(child, arcname=child.name, filter=keep)
+    return dest
+
+
+@function.command("add")
+@handled
+def function_add(
+    folder: Annotated[Path | None, typer.Argument(
+        help="Folder with a Dockerfile (archived and built by the runners) and optionally "
+             "a function.yaml (name, description, inputs, outputs, command, ...)")] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="An image reference")] = None,
+    image_tarball: Annotated[Path | None, typer.Option(
+        "--image-tarball", help="A `docker save` tarball to upload")] = None,
+    command: Annotated[str | None, typer.Option("--command", help="Shell-quoted")] = None,
+    entrypoint: Annotated[str | None, typer.Option("--entrypoint", help="Shell-quoted")] = None,
+    env: Annotated[list[str], typer.Option("--env", help="K=V (repeatable)")] = [],  # noqa: B006
+    inputs: Annotated[list[str], typer.Option(
+        "--input", help="NAME:KIND[:multiple][:optional] (repeatable)")] = [],  # noqa: B006
+    outputs: Annotated[list[str], typer.Option(
+        "--output", help="NAME:KIND[:multiple] (repeatable)")] = [],  # noqa: B006
+    gpu: Annotated[bool, typer.Option("--gpu")] = False,
+    description: Annotated[str | None, typer.Option("--description")] = None,
+    public: PublicOption = False,
+    authorized: AuthorizedOption = [],  # noqa: B006
+    metadata: MetadataOption = [],  # noqa: B006
+    as_json: JsonOption = False,
+) -> None:
+    """Register a function from a folder, an image tarball or an image reference."""
+    spec: dict[str, Any] = {}
+    if folder is not None and (folder / "function.yaml").is_file():
+        spec = yaml.safe_load((folder / "function.yaml").read_text()) or {}
+    spec_inputs = {**spec.get("inputs", {}), **_io_specs(inputs, "--input")}
+    spec_outputs = {**spec.get("outputs", {}), **_io_specs(outputs, "--output")}
+    argv = shlex.split(command) if command is not None else spec.get("command", [])
+    entry = shlex.split(entrypoint) if entrypoint is not None else spec.get("entrypoint")
+    fields: dict[str, Any] = {
+        "inputs": spec_inputs, "outputs": spec_outputs, "command": argv, "entrypoint": entry,
+        "environment": {**spec.get("environment", {}), **parse_pairs(env, "--env")},
+        "gpu": gpu or bool(spec.get("gpu", False)),
+        "description": description if description is not None else spec.get("description", ""),
+        "permissions": permissions(public, authorized) or spec.get("permissions"),
+        "metadata": {**spec.get("metadata", {}), **parse_pairs(metadata, "--metadata")},
+    }
+    title = name or spec.get("name") or (folder.resolve().name if folder else None)
+    if title is None:
+        raise typer.BadParameter("give --name (or a folder / function.yaml with a name)")
+    with client() as api, tempfile.TemporaryDirectory() as tmp:
+        if image is not None:
+            fields.update(image_source="IMAGE_REFERENCE", image=image)
+        elif image_tarball is not None:
+            fields.update(image_source="IMAGE_TARBALL", image_file=image_tarball)
+        elif folder is not None:
+            fields.update(image_source="DOCKERFILE_ARCHIVE",
+                          image_file=archive_folder(folder, Path(tmp) / "function.tar.gz"))
+        else:
+            raise typer.BadParameter("give a folder, --image-tarball or --image")
+        with transfer("uploading the function") as progress:
+            registered = api.add_function(title, on_progress=progress, **fields)
+    _registered(registered, "function", as_json)
+
+
+def _registered(asset: Any, what: str, as_json: bool) -> None:
+    if as_json:
+        print_json(asset)
+    else:
+        out.print(f"Registered {what} {asset.key}", markup=False)
+
+
+_reader(function, ["key", "name", "owner", "image_source", "image", "created_at"],
+        lambda api: api.iter_functions(), lambda api, key: api.get_function(key), "function")
+
+
+# --- data managers and samples -----------------------------------------------------------
+
+data_manager = typer.Typer(help="Data managers: an opener and who may use the data.",
+                           no_args_is_help=True)
+
+
+@data_manager.command("add")
+@handled
+def data_manager_add(
+    name: Annotated[str, typer.Option("--name")],
+    opener: Annotated[Path, typer.Option("--opener", help="The opener (a Python file)",
+                                         exists=True, dir_okay=False)],
+    description: Annotated[str, typer.Option("--description")] = "",
+    public: PublicOption = False,
+    authorized: AuthorizedOption = [],  # noqa: B006
+    metadata: MetadataOption = [],  # noqa: B006
+    as_json: JsonOption = False,
+) -> None:
+    """Register a data manager (the opener is uploaded)."""
+    with client() as api, transfer("uploading the opener") as progress:
+        registered = api.add_data_manager(
+            name, opener=opener, description=description,
+            permissions=permissions(public, authorized),
+            metadata=parse_pairs(metadata, "--metadata"), on_progress=progress)
+    _registered(registered, "data manager", as_json)
+
+
+_reader(data_manager, ["key", "name", "owner", "opener_checksum", "created_at"],
+        lambda api: api.iter_data_managers(), lambda api, key: api.get_data_manager(key),
+        "data manager")
+
+sample = typer.Typer(help="Data samples: registered by location; the bytes stay with you.",
+                     no_args_is_help=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@sample.command("add")
+@handled
+def sample_add(
+    location: Annotated[str, typer.Argument(
+        help="A path or URI your runners can read (a local path is checksummed here)")],
+    data_managers: Annotated[list[str], typer.Option(
+        "--data-manager", help="Data manager key (repeatable)")],
+    checksum: Annotated[str | None, typer.Option(
+        "--checksum", help="SHA-256 (required when LOCATION is not a local path)")] = None,
+    metadata: MetadataOption = [],  # noqa: B006
+    as_json: JsonOption = False,
+) -> None:
+    """Register a data sample by location and checksum."""
+    local = Path(location)
+    if checksum is None:
+        if not local.exists():
+            raise typer.BadParameter("LOCATION is not a local path: give --checksum")
+        checksum = _sha256(local)
+        location = str(local.resolve())
+    with client() as api:
+        registered = api.add_data_sample(data_managers, checksum, location,
+                                         metadata=parse_pairs(metadata, "--metadata"))
+    _registered(registered, "data sample", as_json)
+
+
+_reader(sample, ["key", "owner", "data_manager_keys", "location", "created_at"],
+        lambda api: api.iter_data_samples(), lambda api, key: api.get_data_sample(key),
+        "data sample")
+
+# --- datasets ----------------------------------------------------------------------------
+
+dataset = typer.Typer(help="Datasets (OASIS): named sets of files.", no_args_is_help=True)
+
+
+@dataset.command("add")
+@handled
+def dataset_add(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    name: Annotated[str | None, typer.Option("--name", help="Default: the folder's name")] = None,
+    public: PublicOption = False,
+    authorized: AuthorizedOption = [],  # noqa: B006
+    metadata: MetadataOption = [],  # noqa: B006
+    as_json: JsonOption = False,
+) -> None:
+    """Upload every file of a folder and register them as one dataset."""
+    files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
+             if p.is_file() and not SKIPPED & set(p.relative_to(folder).parts)}
+    total = sum(p.stat().st_size for p in files.values())
+    with client() as api, transfer(f"uploading {len(files)} files") as progress:
+        sent = 0
+
+        def overall(done: int, size: int | None) -> None:
+            progress(sent + done, total)
+
+        refs = []
+        for path, file in files.items():
+            refs.append((path, api.upload_file(file, on_progress=overall).checksum))
+            sent += file.stat().st_size
+        registered = api.add_dataset(
+            name or folder.resolve().name, refs, permissions=permissions(public, authorized),
+            metadata=parse_pairs(metadata, "--metadata"))
+    _registered(registered, "dataset", as_json)
+
+
+@dataset.command("download")
+@handled
+def dataset_download(
+    key: str,
+    dest: Annotated[Path, typer.Argument(help="Where to write the zip")],
+) -> None:
+    """Download a whole dataset as a zip."""
+    with client() as api, transfer("downloading") as progress:
+        api.download_dataset_zip(key, dest, on_progress=progress)
+    out.print(f"Saved {dest}", markup=False)
+
+
+_reader(dataset, ["key", "name", "owner", "total_size", "created_at"],
+        lambda api: api.iter_datasets(), lambda api, key: api.get_dataset(key), "dataset")
+
+
+def install(app: typer.Typer) -> None:
+    app.add_typer(function, name="function")
+    app.add_typer(data_manager, name="data-manager")
+    app.add_typer(sample, name="sample")
+    app.add_typer(dataset, name="dataset")
