@@ -194,12 +194,14 @@ async def _local_runners(
     runtime: Runtime, nats_url: str, settings: Settings, host: str, port: int
 ) -> Any:
     """Runners for the organizations (CONSORT_LOCAL_RUNNERS), started once the API is up."""
-    from runner.contract import choose_backend
+    from runner.contract import BackendOptions, choose_backend
     from runner.local import LocalRunners
 
     # Runner messages (task lost, lease problems) beside uvicorn's own log lines.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s %(message)s")
-    choice = await asyncio.to_thread(choose_backend)
+    choice = await asyncio.to_thread(
+        choose_backend, BackendOptions(prefer=settings.runner_backend,
+                                       cache_dir=settings.home / "runners" / "functions"))
     out.print(f"Runners: {choice.backend.name} backend ({choice.reason}); one per organization"
               f" ({settings.local_runners})", markup=False)
     local = LocalRunners(runtime, f"http://{_browsable(host)}:{port}", nats_url,
@@ -420,7 +422,8 @@ def runner_command(
         help="NATS with JetStream (default: the embedded one under CONSORT_HOME)."),
     concurrency: int = typer.Option(2, "--concurrency", min=1, help="Tasks run at once."),
     backend: str | None = typer.Option(
-        None, "--backend", help="docker or subprocess (default: docker when an engine answers)."),
+        None, "--backend", envvar="CONSORT_RUNNER_BACKEND",
+        help="docker or subprocess (default: docker when an engine answers)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds before a task is killed."),
     cpus: float | None = typer.Option(None, "--cpus", help="CPU limit per task."),
     memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory limit per task."),
@@ -440,7 +443,8 @@ def runner_command(
     if url is None:
         err.print("[red]error:[/] no NATS: set CONSORT_NATS_URL or --nats-url")
         raise typer.Exit(1)
-    choice = choose_backend(BackendOptions(prefer=backend))
+    choice = choose_backend(BackendOptions(prefer=backend,
+                                           cache_dir=settings.home / "runner" / "functions"))
     config = RunnerConfig(
         api_url=api_url, token=token, org=org, nats_url=url,
         home=settings.home / "runner" / org, concurrency=concurrency, task_timeout_s=timeout,

@@ -22,6 +22,8 @@ class Settings:
     port: int = 8000
     # Organizations `consort serve` runs a runner for: "all", "none" or "org-a,org-b".
     local_runners: str = "all"
+    # "docker" or "subprocess"; None: docker when an engine answers, else subprocess.
+    runner_backend: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -34,4 +36,5 @@ class Settings:
             host=os.environ.get("CONSORT_HOST", "127.0.0.1"),
             port=int(os.environ.get("CONSORT_PORT", "8000")),
             local_runners=os.environ.get("CONSORT_LOCAL_RUNNERS", "all"),
+            runner_backend=os.environ.get("CONSORT_RUNNER_BACKEND") or None,
         )

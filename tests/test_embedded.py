@@ -206,5 +206,14 @@ def test_compose_runs_the_same_api_on_postgres_and_nats_services_with_volumes() 
         api["environment"]
     )
     assert "/ready" in " ".join(api["healthcheck"]["test"])
-    # Plain `docker compose up` must work before the runner command exists.
-    assert services["runner"]["profiles"] == ["runner"]
+    # A runner needs an organization and its token: behind a profile, not in plain `up`.
+    runner = services["runner"]
+    assert runner["profiles"] == ["runner"]
+    assert runner["command"][:2] == ["consort", "runner"]
+    assert {"CONSORT_API_URL", "CONSORT_RUNNER_TOKEN", "CONSORT_NATS_URL"} <= set(
+        runner["environment"])
+    assert "/var/run/docker.sock:/var/run/docker.sock" in runner["volumes"]
+    # Task dirs are bind-mounted by the host's engine: the home is at the same path inside.
+    home = runner["environment"]["CONSORT_HOME"]
+    assert f"{home}:{home}" in runner["volumes"]
+    assert api["environment"]["CONSORT_LOCAL_RUNNERS"] == "none"
