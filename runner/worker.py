@@ -98,6 +98,7 @@ class Runner:
         self._handing_back: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._images: dict[str, str] = {}
+        self._functions: dict[str, dict[str, Any]] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
         # Figures for tests and bench: task key → monotonic time of each phase (fetched
         # from NATS, start accepted by the API, inputs ready), and how the run ended.
@@ -191,6 +192,9 @@ class Runner:
     async def _handle(self, msg: Msg) -> None:
         key = _task_key(msg)
         fetched = time.monotonic()
+        function_key = json.loads(msg.data).get("function_key")
+        # The function (immutable) is fetched while the start is being recorded.
+        prefetch = asyncio.create_task(self._function(function_key)) if function_key else None
         try:
             started = await self.api.act(key, "start", self.config.runner_id,
                                          lease_seconds=self.config.lease_s)
@@ -203,6 +207,10 @@ class Runner:
             log.warning("task %s: API unreachable (%s); redelivering", key, exc)
             await msg.nak(delay=2)
             return
+        finally:
+            if prefetch is not None:
+                # Its errors, if any, surface again when the run fetches the function.
+                await asyncio.gather(prefetch, return_exceptions=True)
         self.phases[key] = {"fetched": fetched, "started": time.monotonic()}
         await msg.ack()
         await self._execute(started)
@@ -241,7 +249,7 @@ class Runner:
     async def _run(self, task: dict[str, Any], workdir: Path, logs: LogShipper,
                    cancel: asyncio.Event) -> None:
         key = task["key"]
-        function = await self.api.asset("functions", task["function_key"])
+        function = await self._function(task["function_key"])
         image = await self._image(function)
         workspace = Workspace(self.api, self.cache, task, function, workdir)
         inputs = await workspace.prepare_inputs()
@@ -270,6 +278,12 @@ class Runner:
             raise ExecutionFailure(f"the function exited with code {result.exit_code}")
         await workspace.register_outputs(outputs)
         await self.api.act(key, "done", self.config.runner_id)
+
+    async def _function(self, key: str) -> dict[str, Any]:
+        """A function, cached: functions never change once registered."""
+        if key not in self._functions:
+            self._functions[key] = await self.api.asset("functions", key)
+        return self._functions[key]
 
     async def _image(self, function: dict[str, Any]) -> str:
         key = function["key"]

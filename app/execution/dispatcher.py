@@ -135,7 +135,7 @@ class Dispatcher:
         js = self._nc.jetstream()
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT t.key, t.worker, t.version, t.compute_plan_key, t.rank "
+                "SELECT t.key, t.worker, t.version, t.compute_plan_key, t.rank, t.function_key "
                 "FROM compute_tasks t LEFT JOIN task_dispatch d ON d.task_key = t.key "
                 "WHERE t.status = 'TODO' AND (d.task_key IS NULL OR d.version <> t.version) "
                 "ORDER BY t.position LIMIT $1", self._batch_size)
@@ -146,7 +146,8 @@ class Dispatcher:
                     self.config.worker_subject(r["worker"]),
                     json.dumps({"task_key": r["key"], "worker": r["worker"],
                                 "version": r["version"], "compute_plan_key":
-                                r["compute_plan_key"], "rank": r["rank"]}).encode(),
+                                r["compute_plan_key"], "rank": r["rank"],
+                                "function_key": r["function_key"]}).encode(),
                     stream=self.config.stream,
                     headers={"Nats-Msg-Id": f"{r['key']}:{r['version']}"},
                 )
