@@ -274,8 +274,11 @@ class Runner:
             return  # canceled by its owner, or another run holds it now: nothing to report
         if result.timed_out:
             raise ExecutionFailure(f"timed out after {self.config.task_timeout_s:g} s")
+        if result.exit_code is None:
+            raise ExecutionFailure(f"the function could not be started: {result.error}")
         if result.exit_code != 0:
-            raise ExecutionFailure(f"the function exited with code {result.exit_code}")
+            detail = f" ({result.error})" if result.error else ""
+            raise ExecutionFailure(f"the function exited with code {result.exit_code}{detail}")
         await workspace.register_outputs(outputs)
         await self.api.act(key, "done", self.config.runner_id)
 

@@ -278,6 +278,22 @@ async def test_cancel_stops_the_task_within_5_seconds(
     assert containers_of(docker_engine, spec) == []
 
 
+async def test_abandoned_run_still_removes_its_container(
+    backend: DockerBackend, busybox_image: str, workdir: Path, docker_engine: docker.DockerClient
+) -> None:
+    # The runner's own task is cancelled (e.g. at shutdown), not the task's cancel event.
+    spec = task(workdir, busybox_image, sh("sleep 30"))
+    running = asyncio.create_task(run(backend, spec))
+    for _ in range(100):
+        if await asyncio.to_thread(containers_of, docker_engine, spec):
+            break
+        await asyncio.sleep(0.05)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert containers_of(docker_engine, spec) == []
+
+
 async def test_cancel_before_start_runs_nothing(
     backend: DockerBackend, busybox_image: str, workdir: Path
 ) -> None:
