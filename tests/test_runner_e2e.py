@@ -281,3 +281,37 @@ async def test_redelivered_message_never_starts_a_running_task_twice(stack: Stac
     await stack.wait_status("org-a", key, "DONE", timeout=30)
     await asyncio.sleep(0.5)
     assert sum(key in r.results for r in runners) == 1
+
+
+async def test_stopping_runner_hands_its_running_task_back_to_another(stack: Stack) -> None:
+    await stack.org("org-a")
+    key = await simple_task(stack, "subprocess",
+                            "echo started; sleep 3; echo done > output/model")
+    leaving = await stack.runner("org-a", new_backend("subprocess", stack.home / "leaving"))
+    deadline = time.monotonic() + 30
+    while "started" not in await stack.logs("org-a", key):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await leaving.stop(drain_s=0)  # no time to finish: stopped and handed back
+    stack.runners.remove(leaving)
+    assert leaving.results[key].canceled
+    back = await stack.wait_status("org-a", key, "TODO", "DONE", timeout=10)
+    assert back["status"] == "TODO"
+
+    await stack.runner("org-a", new_backend("subprocess", stack.home / "staying"))
+    assert (await stack.wait_status("org-a", key, "DONE", "FAILED"))["status"] == "DONE"
+    lease = await stack.runtime.leases.holder(key)
+    assert lease is not None and lease.attempt == 1  # handing back is not a failed attempt
+
+
+async def test_stopping_runner_lets_a_short_task_finish(stack: Stack) -> None:
+    await stack.org("org-a")
+    key = await simple_task(stack, "subprocess", "echo started; sleep 1; echo 1 > output/model")
+    runner = await stack.runner("org-a", new_backend("subprocess", stack.home))
+    deadline = time.monotonic() + 30
+    while "started" not in await stack.logs("org-a", key):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    await runner.stop(drain_s=10)
+    stack.runners.remove(runner)
+    assert (await stack.task("org-a", key))["status"] == "DONE"
