@@ -20,12 +20,12 @@ one whose only output is one DATASET has it collected from all of `output/`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+from app.storage.checksums import sample_checksum
 from runner.api import RunnerApi
 from runner.cache import FileCache, place
 from runner.contract import IOEntry
@@ -37,25 +37,6 @@ class ExecutionFailure(Exception):
 
 class InputUnavailable(Exception):
     """An input could not be fetched or verified (our side, not the function's)."""
-
-
-def sample_checksum(path: Path) -> str:
-    """SHA-256 of a data sample: of the file's bytes, or for a folder, of the sorted lines
-    `<relative path>\\0<sha256 of the file>\\n` of every file under it."""
-    if path.is_file():
-        return _file_sha256(path)
-    lines = []
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        lines.append(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _inside(base: Path, relative: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import tarfile
 import tempfile
@@ -14,6 +13,7 @@ import typer
 import yaml
 from pydantic import BaseModel
 
+from app.storage.checksums import sample_checksum
 from consort.cli._common import (
     JsonOption,
     client,
@@ -195,18 +195,6 @@ sample = typer.Typer(help="Data samples: registered by location; the bytes stay 
                      no_args_is_help=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1024 * 1024):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 @sample.command("add")
 @handled
 def sample_add(
@@ -224,7 +212,7 @@ def sample_add(
     if checksum is None:
         if not local.exists():
             raise typer.BadParameter("LOCATION is not a local path: give --checksum")
-        checksum = _sha256(local)
+        checksum = sample_checksum(local)
         location = str(local.resolve())
     with client() as api:
         registered = api.add_data_sample(data_managers, checksum, location,

@@ -13,7 +13,7 @@ import typer
 
 from app.cli import cli as server_cli
 from consort import profiles
-from consort.cli import assets, compute, ledger
+from consort.cli import assets, compute, examples, ledger
 from consort.cli._common import (
     JsonOption,
     State,
@@ -145,6 +145,7 @@ def token_revoke(token_id: Annotated[str, typer.Argument(metavar="ID")]) -> None
 assets.install(app)
 compute.install(app)
 ledger.install(app)
+examples.install(app)
 
 
 def main() -> None:
