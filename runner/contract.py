@@ -46,6 +46,7 @@ OUTPUT_DIR = "output"
 STOP_GRACE_S = 2.0
 
 LogSink = Callable[[bytes], Awaitable[None]]
+Gate = Callable[[], Awaitable[bool]]
 
 
 class ImageSourceKind(StrEnum):
@@ -139,8 +140,15 @@ class Backend(Protocol):
         """
         ...
 
-    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event) -> RunResult:
-        """Run the task to its end, timeout or cancellation (see the module docstring)."""
+    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
+                  gate: Gate | None = None) -> RunResult:
+        """Run the task to its end, timeout or cancellation (see the module docstring).
+
+        With a `gate`, everything up to the start of the process (io.json, the container
+        created) is done first, then the gate is awaited: False means do not start (the
+        result is `canceled`, nothing ran). The runner uses it to prepare a task while the
+        API is still recording its start.
+        """
         ...
 
     async def close(self) -> None:

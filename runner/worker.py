@@ -190,71 +190,76 @@ class Runner:
         task.add_done_callback(lambda _: self._running.pop(key, None))
 
     async def _handle(self, msg: Msg) -> None:
+        """Start the task and, meanwhile, prepare it: the API's answer to the start opens
+        the gate in front of the process (see Backend.run). A refused start (not TODO any
+        more, or another runner holds it) closes it, and the preparation is thrown away."""
         key = _task_key(msg)
         fetched = time.monotonic()
-        function_key = json.loads(msg.data).get("function_key")
-        # The function (immutable) is fetched while the start is being recorded.
-        prefetch = asyncio.create_task(self._function(function_key)) if function_key else None
+        start = asyncio.create_task(self._start(key, msg))
+        run = _Run(key, start, fetched, json.loads(msg.data).get("task"))
+        self._cancels[key] = run.cancel
+        try:
+            await self._execute(run)
+        finally:
+            if not start.done():
+                start.cancel()
+            with contextlib.suppress(BaseException):
+                await start
+            self._cancels.pop(key, None)
+
+    async def _start(self, key: str, msg: Msg) -> dict[str, Any] | None:
+        """The task as started for this runner (with its lease), or None if refused."""
         try:
             started = await self.api.act(key, "start", self.config.runner_id,
                                          lease_seconds=self.config.lease_s)
         except ApiError as exc:
-            # Not TODO any more, being run by another runner, or gone: not ours to run.
             log.debug("task %s not started: %s", key, exc)
             await msg.ack()
-            return
+            return None
         except httpx.TransportError as exc:
             log.warning("task %s: API unreachable (%s); redelivering", key, exc)
             await msg.nak(delay=2)
-            return
-        finally:
-            if prefetch is not None:
-                # Its errors, if any, surface again when the run fetches the function.
-                await asyncio.gather(prefetch, return_exceptions=True)
-        self.phases[key] = {"fetched": fetched, "started": time.monotonic()}
+            return None
         await msg.ack()
-        await self._execute(started)
+        return started
 
     # -- running one task ------------------------------------------------------------------
 
-    async def _execute(self, task: dict[str, Any]) -> None:
-        key = task["key"]
-        cancel = asyncio.Event()
-        self._cancels[key] = cancel
+    async def _execute(self, run: _Run) -> None:
+        key = run.key
         logs = LogShipper(self.api, key)
-        heartbeat = asyncio.create_task(self._heartbeat(key, cancel))
-        workdir = self.workdirs / f"{key}-{task['lease']['attempt']}"
+        workdir = self.workdirs / f"{key}-{uuid.uuid4().hex[:8]}"
         try:
-            await self._run(task, workdir, logs, cancel)
+            await self._run(run, workdir, logs)
         except BuildError as exc:
-            await logs.write(f"[consort] image build failed: {exc}\n".encode())
-            await self._fail(key, logs, "BUILD", str(exc))
+            await self._fail(run, logs, "BUILD", f"image build failed: {exc}")
         except ExecutionFailure as exc:
-            await logs.write(f"[consort] {exc}\n".encode())
-            await self._fail(key, logs, "EXECUTION", str(exc))
+            await self._fail(run, logs, "EXECUTION", str(exc))
         except (InputUnavailable, ChecksumMismatch, ApiError, httpx.HTTPError, OSError) as exc:
             log.warning("task %s: %s", key, exc)
-            await self._fail(key, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
+            await self._fail(run, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - anything of ours fails the task, never hangs it
             log.exception("task %s: internal error", key)
-            await self._fail(key, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
+            await self._fail(run, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            if run.heartbeat is not None:
+                run.heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run.heartbeat
             await logs.close()
-            self._cancels.pop(key, None)
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
-    async def _run(self, task: dict[str, Any], workdir: Path, logs: LogShipper,
-                   cancel: asyncio.Event) -> None:
-        key = task["key"]
+    async def _run(self, run: _Run, workdir: Path, logs: LogShipper) -> None:
+        key = run.key
+        # Prepared while the start is being recorded, from what the dispatcher sent (a
+        # task's inputs and outputs never change), or else from the API.
+        task = run.task or await self.api.task(key)
         function = await self._function(task["function_key"])
         image = await self._image(function)
         workspace = Workspace(self.api, self.cache, task, function, workdir)
         inputs = await workspace.prepare_inputs()
         outputs = workspace.output_entries()
-        self.phases.setdefault(key, {})["prepared"] = time.monotonic()
+        self.phases[key] = {"fetched": run.fetched, "prepared": time.monotonic()}
         spec = RunSpec(
             task_key=key, image=image, command=list(function["command"]),
             entrypoint=function.get("entrypoint"), environment=dict(function["environment"]),
@@ -262,13 +267,23 @@ class Runner:
             timeout_s=self.config.task_timeout_s, cpus=self.config.cpus,
             memory_bytes=self.config.memory_bytes,
         )
-        result = await self.backend.run(spec, logs.write, cancel)
+
+        async def gate() -> bool:
+            if await run.owned():
+                self.phases[key]["started"] = time.monotonic()
+                run.heartbeat = asyncio.create_task(self._heartbeat(key, run.cancel))
+                return True
+            return False
+
+        result = await self.backend.run(spec, logs.write, run.cancel, gate)
+        if not await run.owned():
+            return  # another runner's, or no longer TODO: nothing ran
         self.results[key] = result
         outcome = ("canceled" if result.canceled else "timed_out" if result.timed_out
                    else "ok" if result.exit_code == 0 else "failed")
         CONTAINER_SECONDS.labels(self.backend.name, outcome).observe(result.duration_s)
         await logs.flush()
-        if cancel.is_set():
+        if run.cancel.is_set():
             if key in self._handing_back:
                 await self._hand_back(key)
             return  # canceled by its owner, or another run holds it now: nothing to report
@@ -327,19 +342,40 @@ class Runner:
         with contextlib.suppress(ApiError, httpx.HTTPError):
             await self.api.release(key, self.config.runner_id)
 
-    async def _fail(self, key: str, logs: LogShipper, error_type: str, message: str) -> None:
-        if self._cancels.get(key, asyncio.Event()).is_set():
-            return  # canceled or taken over: the task is not ours to fail
+    async def _fail(self, run: _Run, logs: LogShipper, error_type: str, message: str) -> None:
+        """Report a failure with the log stored as an artifact, if the task is ours."""
+        if not await run.owned() or run.cancel.is_set():
+            return  # refused, canceled or taken over: the task is not ours to fail
+        await logs.write(f"[consort] {message}\n".encode())
         await logs.flush()
         checksum = None
         with contextlib.suppress(ApiError, httpx.HTTPError, OSError):
             checksum = await logs.store()
         try:
-            await self.api.act(key, "fail", self.config.runner_id, error_type=error_type,
+            await self.api.act(run.key, "fail", self.config.runner_id, error_type=error_type,
                                message=message[:10_000], logs_checksum=checksum)
         except (ApiError, httpx.HTTPError) as exc:
             # The lease will expire and the API retries or fails the task itself.
-            log.warning("task %s: could not report the failure: %s", key, exc)
+            log.warning("task %s: could not report the failure: %s", run.key, exc)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One attempt at a task by this runner, from the NATS message to its end."""
+
+    key: str
+    start: asyncio.Task[dict[str, Any] | None]
+    fetched: float
+    task: dict[str, Any] | None = None
+    cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    heartbeat: asyncio.Task[None] | None = None
+
+    async def owned(self) -> bool:
+        """Whether the API started the task for this runner (waits for its answer)."""
+        try:
+            return await asyncio.shield(self.start) is not None
+        except Exception:  # noqa: BLE001 - a start that blew up is not a start
+            return False
 
 
 def _task_key(msg: Msg) -> str:

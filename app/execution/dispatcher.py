@@ -33,6 +33,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from app.events.background import stop_task, wake_or_poll
 from app.events.notifications import Notifications
 from app.projections.framework import PROJECTED_CHANNEL
+from app.projections.queries import json_value
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ async def ensure_tasks_stream(js: nats.js.JetStreamContext, config: DispatchConf
     except nats.js.errors.NotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
             await js.add_stream(config.stream_config())
+
+
+def _message(row: asyncpg.Record) -> bytes:
+    """What a runner needs to prepare the task while it asks the API to start it."""
+    return json.dumps({
+        "task_key": row["key"], "worker": row["worker"], "version": row["version"],
+        "compute_plan_key": row["compute_plan_key"], "rank": row["rank"],
+        "task": {"key": row["key"], "function_key": row["function_key"],
+                 "inputs": json_value(row["inputs"]), "outputs": json_value(row["outputs"])},
+    }).encode()
 
 
 class Dispatcher:
@@ -135,7 +146,8 @@ class Dispatcher:
         js = self._nc.jetstream()
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT t.key, t.worker, t.version, t.compute_plan_key, t.rank, t.function_key "
+                "SELECT t.key, t.worker, t.version, t.compute_plan_key, t.rank, t.function_key, "
+                "t.inputs, t.outputs "
                 "FROM compute_tasks t LEFT JOIN task_dispatch d ON d.task_key = t.key "
                 "WHERE t.status = 'TODO' AND (d.task_key IS NULL OR d.version <> t.version) "
                 "ORDER BY t.position LIMIT $1", self._batch_size)
@@ -144,10 +156,7 @@ class Dispatcher:
             acks = [
                 js.publish(
                     self.config.worker_subject(r["worker"]),
-                    json.dumps({"task_key": r["key"], "worker": r["worker"],
-                                "version": r["version"], "compute_plan_key":
-                                r["compute_plan_key"], "rank": r["rank"],
-                                "function_key": r["function_key"]}).encode(),
+                    _message(r),
                     stream=self.config.stream,
                     headers={"Nats-Msg-Id": f"{r['key']}:{r['version']}"},
                 )

@@ -190,15 +190,16 @@ async def disabled_outputs(
     return frozenset((r["compute_task_key"], r["identifier"]) for r in rows)
 
 
-async def is_input_of_running_task(
+async def is_input_of_open_task(
     conn: asyncpg.Connection, org: str, task_key: str, asset_key: str,
     producer_task_key: str | None, producer_output: str | None,
 ) -> bool:
-    """`org` is the worker of `task_key`, which is DOING and takes this asset as input
-    (by key, or as the output `producer_output` of its parent `producer_task_key`)."""
+    """`org` is the worker of `task_key`, which is TODO or DOING (a runner fetches inputs
+    while it starts the task) and takes this asset as input (by key, or as the output
+    `producer_output` of its parent `producer_task_key`)."""
     row = await conn.fetchrow(
-        "SELECT inputs FROM compute_tasks WHERE key = $1 AND worker = $2 AND status = 'DOING'",
-        task_key, org)
+        "SELECT inputs FROM compute_tasks WHERE key = $1 AND worker = $2 "
+        "AND status IN ('TODO', 'DOING')", task_key, org)
     if row is None:
         return False
     for item in json_value(row["inputs"]):

@@ -38,6 +38,7 @@ from runner.contract import (
     OUTPUT_DIR,
     STOP_GRACE_S,
     BuildError,
+    Gate,
     ImageSpec,
     LogSink,
     RunResult,
@@ -97,7 +98,8 @@ class DockerBackend:
         async with lock:
             return await self._call(images.prepare_docker_image, self._client, spec)
 
-    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event) -> RunResult:
+    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
+                  gate: Gate | None = None) -> RunResult:
         called = time.monotonic()
         if cancel.is_set():
             return RunResult(None, timed_out=False, canceled=True, duration_s=0.0,
@@ -110,6 +112,9 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             return await self._refused(on_log, called, f"cannot create the container: {_why(exc)}")
         try:
+            if gate is not None and not await gate():
+                return RunResult(None, timed_out=False, canceled=True, duration_s=0.0,
+                                 started_at_monotonic=time.monotonic())
             return await self._supervise(container, spec, on_log, cancel, called)
         finally:
             await self._call(self._remove, container)

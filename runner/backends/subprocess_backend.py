@@ -41,6 +41,7 @@ from runner.contract import (
     IO_ENV,
     STOP_GRACE_S,
     BuildError,
+    Gate,
     ImageSourceKind,
     ImageSpec,
     LogSink,
@@ -96,7 +97,8 @@ class SubprocessBackend:
             directory = await asyncio.to_thread(images.unpack_function, self.cache_dir, spec)
         return DIR_PREFIX + str(directory.resolve())
 
-    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event) -> RunResult:
+    async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
+                  gate: Gate | None = None) -> RunResult:
         called = time.monotonic()
         if cancel.is_set():
             return RunResult(None, timed_out=False, canceled=True, duration_s=0.0,
@@ -107,6 +109,10 @@ class SubprocessBackend:
         argv = resolve_argv(
             [*(spec.entrypoint or []), *spec.command, str(io_file)], function_dir
         )
+        if gate is not None and not await gate():
+            await asyncio.to_thread(_restore_input_dirs, spec.workdir)
+            return RunResult(None, timed_out=False, canceled=True, duration_s=0.0,
+                             started_at_monotonic=time.monotonic())
         if not argv or _find_executable(argv[0], env["PATH"], spec.workdir) is None:
             message = f"command not found: {argv[0] if argv else '(empty command)'}"
             with contextlib.suppress(Exception):

@@ -254,8 +254,8 @@ async def download_model(
     key: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
     """A model file: needs process permission on the model, and either the owner's
-    `model_export_enabled` or `for_task`: a DOING task of the caller's that takes this
-    model as input (how a runner fetches its inputs; export is about people)."""
+    `model_export_enabled` or `for_task`: an open (TODO/DOING) task of the caller's that
+    takes this model as input (how a runner fetches its inputs; export is about people)."""
     async with runtime.pool.acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", key)
         if row is None:
@@ -264,7 +264,7 @@ async def download_model(
         if actor.kind != "admin":
             if actor.org is None or not perms.process.allows(actor.org):
                 raise Forbidden(f"{actor.org or actor.kind} may not process model {key}")
-            runs_it = for_task is not None and await q.is_input_of_running_task(
+            runs_it = for_task is not None and await q.is_input_of_open_task(
                 conn, actor.org, for_task, key, row["compute_task_key"], row["identifier"])
             if actor.org != row["owner"] and not runs_it and \
                     not await q.model_export_enabled(conn, row["owner"]):

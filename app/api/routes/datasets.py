@@ -100,8 +100,9 @@ async def get_dataset(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[st
 async def _require_download(
     runtime: Runtime, actor: Principal, row: dict[str, Any], for_task: str | None
 ) -> None:
-    """Download permission, or process permission for `for_task`: a DOING task of the
-    caller's that takes this dataset as input (how a runner fetches its inputs)."""
+    """Download permission, or process permission for `for_task`: an open (TODO/DOING)
+    task of the caller's that takes this dataset as input (how a runner fetches its
+    inputs)."""
     if actor.kind == "admin":
         return
     perm = Permission.from_json(row["permissions"]["download"])
@@ -110,7 +111,7 @@ async def _require_download(
     process = Permission.from_json(row["permissions"]["process"])
     if actor.org is not None and for_task is not None and process.allows(actor.org):
         async with runtime.pool.acquire() as conn:
-            if await q.is_input_of_running_task(conn, actor.org, for_task, row["key"],
+            if await q.is_input_of_open_task(conn, actor.org, for_task, row["key"],
                                                 row.get("compute_task_key"),
                                                 row.get("identifier")):
                 return
