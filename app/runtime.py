@@ -24,6 +24,7 @@ from app.events.leases import TaskLeases
 from app.events.logs import TaskLogs
 from app.events.notifications import Notifications
 from app.events.outbox import Outbox, OutboxConfig
+from app.events.pool import create_pool
 from app.events.schema import create_schema
 from app.events.sequencer import Sequencer
 from app.execution.dispatcher import DispatchConfig, Dispatcher
@@ -84,9 +85,7 @@ class Runtime:
         self.max_upload_bytes = max_upload_bytes
 
     async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(
-            self.database_url, min_size=2, max_size=self._pool_size
-        )
+        self.pool = await create_pool(self.database_url, self._pool_size)
         async with self.pool.acquire() as conn:
             await create_schema(conn)
         self.notifications = Notifications(self.database_url)

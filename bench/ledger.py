@@ -14,37 +14,41 @@ Phases, in order:
    (sequencer and live projector running, as in production).
 3. projection lag: paced appends at a steady rate; time from `append` returning to
    `ProjectionWaiter.wait` returning, p50/p99.
-4. http: the real API under uvicorn in a subprocess, driven by httpx load-generator
+4. http: the real API under uvicorn in a subprocess, driven by load-generator
    processes issuing `POST /tokens` (append + read-your-writes); only 201s count.
 
-The module is also the uvicorn app factory for phase 4 (`ledger:make_app`) and the load
-generator's entry point (`python bench/ledger.py load ...`).
+The module is also the load generator's entry point (`python bench/ledger.py load ...`);
+the server and its HTTP client are in `_common.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
-import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
+from _common import (  # bench/ is sys.path[0] when run as a script
+    ADMIN_TOKEN,
+    CpuMeter,
+    HttpConnection,
+    api_server,
+    cpu_line,
+    fresh_database,
+    load_average,
+    percentile,
+    say,
+)
 
 SCRIPT = Path(__file__).resolve()
-REPO = SCRIPT.parent.parent
-if str(REPO) not in sys.path:  # `python bench/ledger.py` from a checkout without install
-    sys.path.insert(0, str(REPO))
 
 from app.domain.organizations import OrganizationRegistered, TokenIssued  # noqa: E402
 from app.events.canonical import GENESIS_HASH, chain_hash  # noqa: E402
@@ -52,105 +56,12 @@ from app.events.codec import to_new_events  # noqa: E402
 from app.events.entries import AppendRequest, NewEvent, hashed_fields  # noqa: E402
 from app.runtime import Runtime  # noqa: E402
 
-ADMIN_PG = os.environ.get("CONSORT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-ADMIN_TOKEN = "bench-admin-token"
-DB_ENV = "CONSORT_BENCH_DATABASE_URL"
-
 TARGETS = {
     "append_events_per_s_8orgs": (">=", 10_000.0),
     "http_commands_per_s": (">=", 1_000.0),
     "projection_lag_p99_ms": ("<=", 50.0),
     "replay_events_per_s": (">=", 50_000.0),
 }
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-def with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    admin = await asyncpg.connect(ADMIN_PG, timeout=10)
-    name = f"consort_bench_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    say(f"database {name} created")
-    try:
-        yield with_database(ADMIN_PG, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        say(f"database {name} dropped")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]
-
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far; 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-class CpuMeter:
-    """CPU seconds spent by this process, PostgreSQL's backends of the bench database and
-    any extra processes: on a shared machine these say more than wall time does."""
-
-    def __init__(self, database_url: str, extra_pids: tuple[int, ...] = ()) -> None:
-        self._url = database_url
-        self._extra = extra_pids
-        self._start: dict[str, float] = {}
-
-    async def _backends(self) -> list[int]:
-        conn = await asyncpg.connect(self._url)
-        try:
-            rows = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await conn.close()
-        return [r["pid"] for r in rows]
-
-    async def _sample(self) -> dict[str, float]:
-        backends = await self._backends()
-        self._pids = backends
-        return {
-            "self": time.process_time(),
-            "postgres": sum(proc_cpu(pid) for pid in backends),
-            "other": sum(proc_cpu(pid) for pid in self._extra),
-        }
-
-    async def start(self) -> None:
-        self._start = await self._sample()
-
-    async def stop(self) -> dict[str, float]:
-        end = await self._sample()
-        return {k: end[k] - self._start.get(k, 0.0) for k in end}
-
-
-def cpu_line(cpu: dict[str, float], events: int, other: str = "") -> str:
-    parts = [f"bench process {cpu['self']:.2f}", f"PostgreSQL {cpu['postgres']:.2f}"]
-    if other:
-        parts.append(f"{other} {cpu['other']:.2f}")
-    total = sum(cpu.values())
-    per = total / events * 1e6 if events else float("nan")
-    return f"  CPU s: {', '.join(parts)}; {per:,.0f} us of CPU per event"
 
 
 async def wait_until(check: Callable[[], Any], timeout: float, what: str) -> None:
@@ -304,20 +215,7 @@ async def bench_lag(runtime: Runtime, rate: float, seconds: float) -> tuple[floa
 # --- phase 4: HTTP -----------------------------------------------------------------
 
 
-def make_app() -> Any:
-    """uvicorn factory for the server subprocess (`--app-dir bench ledger:make_app`)."""
-    from app.api.app import create_app
-
-    return create_app(Runtime(os.environ[DB_ENV], admin_token=ADMIN_TOKEN))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def load(url: str, tokens: list[str], concurrency: int, seconds: float,
+async def load(port: int, tokens: list[str], concurrency: int, seconds: float,
                max_requests: int) -> dict[str, Any]:
     """Issue POST /tokens until the time or count runs out; count 201s and the rest."""
     ok = 0
@@ -325,73 +223,53 @@ async def load(url: str, tokens: list[str], concurrency: int, seconds: float,
     issued = 0
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
 
-        async def worker(w: int) -> None:
-            nonlocal ok, issued
-            headers = {"Authorization": f"Bearer {tokens[w % len(tokens)]}"}
+    async def worker(w: int) -> None:
+        nonlocal ok, issued
+        conn = HttpConnection(port, tokens[w % len(tokens)])
+        try:
             while time.perf_counter() < deadline and issued < max_requests:
                 issued += 1
                 sent = time.perf_counter()
                 try:
-                    response = await client.post("/tokens", json={"name": "bench"},
-                                                 headers=headers)
-                except httpx.HTTPError as exc:
+                    status, _ = await conn.request("POST", "/tokens", {"name": "bench"})
+                except OSError as exc:
                     key = type(exc).__name__
                     failed[key] = failed.get(key, 0) + 1
+                    conn.close()
                     continue
-                if response.status_code == 201:
+                if status == 201:
                     ok += 1
                     latencies.append((time.perf_counter() - sent) * 1000)
                 else:
-                    key = str(response.status_code)
-                    failed[key] = failed.get(key, 0) + 1
+                    failed[str(status)] = failed.get(str(status), 0) + 1
+        finally:
+            conn.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - started
     return {"ok": ok, "failed": failed, "elapsed": elapsed, "latencies": latencies,
             "cpu": time.process_time()}
 
 
 async def bench_http(database_url: str, workers: int, load_procs: int, concurrency: int,
                      seconds: float, max_requests: int) -> float:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, **{DB_ENV: database_url})
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "--factory", "--app-dir", str(REPO / "bench"),
-        "ledger:make_app", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(workers), "--log-level", "warning", "--no-access-log",
-        env=env, cwd=REPO,
-    )
-    try:
-        async with httpx.AsyncClient(
-            base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-        ) as admin:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await admin.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the API server did not start")
-                await asyncio.sleep(0.1)
-            tokens = []
-            for i in range(8):
-                response = await admin.post(
-                    "/organizations", json={"id": f"http-{i + 1}", "name": f"HTTP {i + 1}"}
-                )
-                response.raise_for_status()
-                tokens.append(response.json()["token"]["token"])
-            # Warm-up: connections, caches, the server's first requests.
-            await load(url, tokens, 16, 1.0, 500)
+    async with api_server(database_url, workers) as (port, server):
+        admin = HttpConnection(port, ADMIN_TOKEN)
+        tokens = []
+        for i in range(8):
+            created = await admin.json(
+                "POST", "/organizations", {"id": f"http-{i + 1}", "name": f"HTTP {i + 1}"},
+                expect=201,
+            )
+            tokens.append(created["token"]["token"])
+        admin.close()
+        # Warm-up: connections, caches, the server's first requests.
+        await load(port, tokens, 16, 1.0, 500)
 
         per_proc = max(1, concurrency // load_procs)
-        command = [sys.executable, str(SCRIPT), "load", "--url", url,
+        command = [sys.executable, str(SCRIPT), "load", "--port", str(port),
                    "--concurrency", str(per_proc), "--seconds", str(seconds),
                    "--max-requests", str(max_requests // load_procs),
                    "--tokens", ",".join(tokens)]
@@ -415,17 +293,11 @@ async def bench_http(database_url: str, workers: int, load_procs: int, concurren
         say(f"http POST /tokens: {workers} uvicorn worker(s), {load_procs} load process(es) x "
             f"{per_proc} in flight: {ok} x 201 in {elapsed:.2f} s = {rate:,.0f} commands/s; "
             f"latency p50 {percentile(latencies, 50):.1f} ms, "
-            f"p99 {percentile(latencies, 99):.1f} ms; failures {failed or 'none'}")
+            f"p99 {percentile(latencies, 99):.1f} ms; failures {failed or 'none'} "
+            f"(load average {load_average():.2f})")
         cpu["load generators"] = sum(r["cpu"] for r in results)
         say(cpu_line(cpu, ok, "API server") + f" (load generators {cpu['load generators']:.2f})")
         return rate
-    finally:
-        server.terminate()
-        try:
-            await asyncio.wait_for(server.wait(), 15)
-        except TimeoutError:
-            server.kill()
-            await server.wait()
 
 
 def calibrate() -> float:
@@ -448,7 +320,7 @@ def calibrate() -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, float | None]:
     results: dict[str, float] = {}
-    say(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}, "
+    say(f"machine: {os.cpu_count()} cores, load average {load_average():.2f}, "
         f"{calibrate():.1f} us to hash one ledger entry in pure Python")
     phases = set(args.phases.split(","))
     async with fresh_database() as database_url:
@@ -485,7 +357,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | None]:
                 database_url, args.http_workers, args.load_procs, args.http_concurrency,
                 args.http_seconds, args.http_max_requests,
             )
-    say(f"load average at the end {os.getloadavg()[0]:.2f}")
+    say(f"load average at the end {load_average():.2f}")
     for key, (op, target) in TARGETS.items():
         if key not in results:
             continue
@@ -502,7 +374,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     gen = sub.add_parser("load", help="internal: one HTTP load-generator process")
-    gen.add_argument("--url", required=True)
+    gen.add_argument("--port", type=int, required=True)
     gen.add_argument("--tokens", required=True)
     gen.add_argument("--concurrency", type=int, default=32)
     gen.add_argument("--seconds", type=float, default=10)
@@ -524,7 +396,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.command == "load":
-        result = asyncio.run(load(args.url, args.tokens.split(","), args.concurrency,
+        result = asyncio.run(load(args.port, args.tokens.split(","), args.concurrency,
                                   args.seconds, args.max_requests))
         print(json.dumps(result))
         return

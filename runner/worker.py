@@ -126,9 +126,10 @@ class Runner:
             _, pending = await asyncio.wait(
                 running, timeout=self.config.drain_s if drain_s is None else drain_s)
             for key, task in list(self._running.items()):
-                if task in pending:
+                cancel = self._cancels.get(key)  # None: not started yet, or just ended
+                if task in pending and cancel is not None:
                     self._handing_back.add(key)
-                    self._cancels[key].set()
+                    cancel.set()
             if pending:
                 await asyncio.wait(pending, timeout=15)
         if self._nc is not None and not self._nc.is_closed:

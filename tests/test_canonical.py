@@ -8,7 +8,13 @@ import hashlib
 import pytest
 
 from app.events.canonical import GENESIS_HASH, canonical_json, chain_hash
-from app.events.entries import LedgerEntry, encode_data, hashed_fields
+from app.events.entries import (
+    LedgerEntry,
+    canonical_entry,
+    encode_data,
+    format_time,
+    hashed_fields,
+)
 
 
 def test_canonical_json_sorts_keys_and_has_no_whitespace() -> None:
@@ -59,3 +65,14 @@ def test_changing_any_protected_field_changes_the_hash() -> None:
     assert tampered.computed_hash() != entry.hash
     tampered = LedgerEntry(**{**entry.__dict__, "actor": "org-b"})
     assert tampered.computed_hash() != entry.hash
+
+
+@pytest.mark.parametrize("data", [{}, {"n": 1}, {"é": "\u2028\"\\\n", "b": [1.5, None, True]}])
+def test_canonical_entry_is_canonical_json_of_the_hashed_fields(data: dict[str, object]) -> None:
+    when = dt.datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=dt.UTC)
+    fields = dict(id="00000000-0000-0000-0000-000000000001", org="org-é", sequence=7,
+                  actor='a"\\b', asset_kind="token", asset_key="k\x01", version=3,
+                  event_type="TokenIssued", reason="why\t")
+    expected = canonical_json(hashed_fields(recorded_at=when, data=data, **fields))  # type: ignore[arg-type]
+    assert canonical_entry(time=format_time(when), data_json=encode_data(data),
+                           **fields) == expected  # type: ignore[arg-type]

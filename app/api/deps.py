@@ -14,9 +14,15 @@ from app.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="An organization, auditor or admin token")
 
 
-def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a
+    # thread hop on every request.
+    return runtime_of(request)
 
 
 async def get_principal(
@@ -27,7 +33,7 @@ async def get_principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiProblem(401, "missing_token", "send an API token as 'Authorization: Bearer …'",
                          challenge)
-    principal = await get_runtime(request).principal_for(credentials.credentials)
+    principal = await runtime_of(request).principal_for(credentials.credentials)
     if principal is None:
         raise ApiProblem(401, "invalid_token", "the API token is unknown or revoked", challenge)
     return principal

@@ -15,14 +15,22 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import os
 import uuid
+from collections.abc import Iterator
 
 import asyncpg
 
 from app.domain.errors import Conflict
 from app.events.background import stop_task
-from app.events.canonical import GENESIS_HASH, chain_hash
-from app.events.entries import AppendRequest, LedgerEntry, encode_data, hashed_fields
+from app.events.canonical import GENESIS_HASH, chain_hash_of
+from app.events.entries import (
+    AppendRequest,
+    LedgerEntry,
+    canonical_entry,
+    encode_data,
+    format_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,36 +124,36 @@ class Appender:
             | {a for p in batch for a in p.request.expected_versions}
         )
         results: list[tuple[_Pending, list[LedgerEntry] | Exception]] = []
+        # Six round trips per batch, whatever its size: BEGIN, heads, aggregates, COPY,
+        # moves, COMMIT. An upsert whose conflict branch rewrites the row unchanged both
+        # creates what is missing and locks what exists (in the order of the sorted input),
+        # and returns the latest committed values, as SELECT ... FOR UPDATE would.
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO ledger_heads (org, last_sequence, last_hash) "
-                "SELECT unnest($1::text[]), 0, $2 ON CONFLICT DO NOTHING",
-                orgs, GENESIS_HASH,
-            )
             heads = {
                 r["org"]: (r["last_sequence"], bytes(r["last_hash"]))
                 for r in await conn.fetch(
-                    "SELECT org, last_sequence, last_hash FROM ledger_heads "
-                    "WHERE org = ANY($1) ORDER BY org FOR UPDATE",
-                    orgs,
+                    "INSERT INTO ledger_heads AS h (org, last_sequence, last_hash) "
+                    "SELECT unnest($1::text[]), 0, $2 "
+                    "ON CONFLICT (org) DO UPDATE SET org = h.org "
+                    "RETURNING org, last_sequence, last_hash",
+                    orgs, GENESIS_HASH,
                 )
             }
-            # Claim new aggregates first so two processes creating the same one serialize
-            # on its row, then lock every aggregate of the batch in a fixed order.
-            await conn.execute(
-                "INSERT INTO aggregate_versions (aggregate, version) "
-                "SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING",
-                aggregates,
-            )
-            versions: dict[str, int] = {
+            # Heads first, then aggregates, each in key order: a fixed lock order.
+            read: dict[str, int] = {
                 r["aggregate"]: r["version"]
                 for r in await conn.fetch(
-                    "SELECT aggregate, version FROM aggregate_versions "
-                    "WHERE aggregate = ANY($1) ORDER BY aggregate FOR UPDATE",
+                    "INSERT INTO aggregate_versions AS a (aggregate, version) "
+                    "SELECT unnest($1::text[]), 0 "
+                    "ON CONFLICT (aggregate) DO UPDATE SET version = a.version "
+                    "RETURNING aggregate, version",
                     aggregates,
                 )
             }
+            versions = dict(read)
             now = dt.datetime.now(dt.UTC)
+            time = format_time(now)
+            ids = _uuids(sum(len(p.request.events) for p in batch))
             rows: list[tuple[object, ...]] = []
             for pending in batch:
                 request = pending.request
@@ -153,48 +161,51 @@ class Appender:
                 if conflict is not None:
                     results.append((pending, conflict))
                     continue
-                last_sequence, last_hash = heads[request.org]
+                org, actor = request.org, request.actor
+                last_sequence, last_hash = heads[org]
                 entries: list[LedgerEntry] = []
                 for event in request.events:
                     last_sequence += 1
-                    versions[event.aggregate] += 1
-                    entry_id = str(uuid.uuid4())
+                    aggregate = event.aggregate
+                    version = versions[aggregate] = versions[aggregate] + 1
+                    entry_id = next(ids)
                     data_json = encode_data(event.data)
-                    fields = hashed_fields(
-                        id=entry_id, org=request.org, sequence=last_sequence, recorded_at=now,
-                        actor=request.actor, asset_kind=event.asset_kind,
-                        asset_key=event.asset_key, version=versions[event.aggregate],
-                        event_type=event.event_type, data=event.data, reason=event.reason,
-                    )
-                    digest = chain_hash(last_hash, fields)
-                    entry = LedgerEntry(
-                        id=entry_id, org=request.org, sequence=last_sequence, recorded_at=now,
-                        actor=request.actor, asset_kind=event.asset_kind,
-                        asset_key=event.asset_key, version=versions[event.aggregate],
-                        event_type=event.event_type, data_json=data_json, reason=event.reason,
-                        prev_hash=last_hash, hash=digest,
-                    )
-                    entries.append(entry)
-                    rows.append(_row(entry))
+                    digest = chain_hash_of(last_hash, canonical_entry(
+                        id=entry_id, org=org, sequence=last_sequence, time=time, actor=actor,
+                        asset_kind=event.asset_kind, asset_key=event.asset_key,
+                        version=version, event_type=event.event_type, data_json=data_json,
+                        reason=event.reason,
+                    ))
+                    entries.append(LedgerEntry(
+                        id=entry_id, org=org, sequence=last_sequence, recorded_at=now,
+                        actor=actor, asset_kind=event.asset_kind, asset_key=event.asset_key,
+                        version=version, event_type=event.event_type, data_json=data_json,
+                        reason=event.reason, prev_hash=last_hash, hash=digest,
+                    ))
+                    rows.append((
+                        org, last_sequence, entry_id, now, actor, event.asset_kind,
+                        event.asset_key, version, event.event_type, data_json, event.reason,
+                        last_hash, digest,
+                    ))
                     last_hash = digest
-                heads[request.org] = (last_sequence, last_hash)
+                heads[org] = (last_sequence, last_hash)
                 results.append((pending, entries))
             if rows:
                 await conn.copy_records_to_table("ledger", records=rows, columns=LEDGER_COLUMNS)
                 touched = [o for o in orgs if heads[o][0] > 0]
+                moved = [a for a in aggregates if versions[a] != read[a]]
                 await conn.execute(
-                    "UPDATE ledger_heads h SET last_sequence = n.seq, last_hash = n.hash "
+                    "WITH h AS (UPDATE ledger_heads h SET last_sequence = n.seq, "
+                    "last_hash = n.hash "
                     "FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS n(org, seq, hash) "
-                    "WHERE h.org = n.org",
+                    "WHERE h.org = n.org), "
+                    "a AS (UPDATE aggregate_versions a SET version = n.version "
+                    "FROM unnest($4::text[], $5::int[]) AS n(aggregate, version) "
+                    "WHERE a.aggregate = n.aggregate) "
+                    f"SELECT pg_notify('{LEDGER_CHANNEL}', '')",
                     touched, [heads[o][0] for o in touched], [heads[o][1] for o in touched],
+                    moved, [versions[a] for a in moved],
                 )
-                await conn.execute(
-                    "UPDATE aggregate_versions a SET version = n.version "
-                    "FROM unnest($1::text[], $2::int[]) AS n(aggregate, version) "
-                    "WHERE a.aggregate = n.aggregate AND a.version <> n.version",
-                    list(versions), list(versions.values()),
-                )
-                await conn.execute(f"NOTIFY {LEDGER_CHANNEL}")
         for pending, outcome in results:
             if pending.future.done():
                 continue
@@ -205,6 +216,13 @@ class Appender:
                 pending.future.set_result(outcome)
 
 
+def _uuids(count: int) -> Iterator[str]:
+    """Random (version 4) UUIDs, from one read of the OS's random source."""
+    raw = os.urandom(16 * count)
+    for i in range(0, 16 * count, 16):
+        yield str(uuid.UUID(bytes=raw[i:i + 16], version=4))
+
+
 def _check_versions(request: AppendRequest, versions: dict[str, int]) -> Conflict | None:
     for aggregate, expected in request.expected_versions.items():
         actual = versions.get(aggregate, 0)
@@ -212,10 +230,3 @@ def _check_versions(request: AppendRequest, versions: dict[str, int]) -> Conflic
             return VersionConflict(aggregate, expected, actual)
     return None
 
-
-def _row(entry: LedgerEntry) -> tuple[object, ...]:
-    return (
-        entry.org, entry.sequence, uuid.UUID(entry.id), entry.recorded_at, entry.actor,
-        entry.asset_kind, entry.asset_key, entry.version, entry.event_type, entry.data_json,
-        entry.reason, entry.prev_hash, entry.hash,
-    )

@@ -14,11 +14,24 @@ from typing import Any
 GENESIS_HASH = bytes(32)
 
 
+# One encoder for the process: json.dumps with these options would build a new one per call.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
+def canonical_text(value: Any) -> str:
+    return _ENCODER.encode(value)
+
+
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def chain_hash(prev_hash: bytes, hashed_fields: dict[str, Any]) -> bytes:
-    return hashlib.sha256(prev_hash + canonical_json(hashed_fields)).digest()
+    return chain_hash_of(prev_hash, canonical_json(hashed_fields))
+
+
+def chain_hash_of(prev_hash: bytes, canonical_entry: bytes) -> bytes:
+    """The hash of an entry whose canonical JSON is already encoded."""
+    return hashlib.sha256(prev_hash + canonical_entry).digest()

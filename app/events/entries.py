@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from app.events.canonical import canonical_json, chain_hash
+from app.events.canonical import canonical_text, chain_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,4 +136,33 @@ def hashed_fields(
 
 
 def encode_data(data: dict[str, Any]) -> str:
-    return canonical_json(data).decode("utf-8")
+    return canonical_text(data)
+
+
+def canonical_entry(
+    *,
+    id: str,
+    org: str,
+    sequence: int,
+    time: str,
+    actor: str,
+    asset_kind: str,
+    asset_key: str,
+    version: int,
+    event_type: str,
+    data_json: str,
+    reason: str,
+) -> bytes:
+    """`canonical_json(hashed_fields(...))`, byte for byte, without encoding the data again.
+
+    The appender already holds the data's canonical JSON (it is what the ledger stores)
+    and the batch's formatted time: splicing them in halves the cost of hashing an entry.
+    Keys are written in sorted order; strings go through the same encoder.
+    """
+    s = canonical_text
+    return (
+        f'{{"actor":{s(actor)},"asset_key":{s(asset_key)},"asset_kind":{s(asset_kind)},'
+        f'"data":{data_json},"event_type":{s(event_type)},"id":{s(id)},"org":{s(org)},'
+        f'"reason":{s(reason)},"sequence":{int(sequence)},"time":{s(time)},'
+        f'"version":{int(version)}}}'
+    ).encode()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import asyncpg
 
+from app.events.canonical import canonical_text
 from app.events.entries import LedgerEntry
-from app.projections.framework import Projection, runs_by_type
+from app.projections.framework import Projection, insert_rows, runs_by_type
 
 
 def j(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    """JSON text for a jsonb column (one shared encoder: json.dumps builds one per call)."""
+    return canonical_text(value)
 
 
 class AssetsView(Projection):
@@ -50,16 +51,18 @@ class AssetsView(Projection):
     async def apply(self, conn: asyncpg.Connection, entries: Sequence[LedgerEntry]) -> None:
         for event_type, run in runs_by_type(entries):
             if event_type == "DataManagerRegistered":
-                await conn.executemany(
-                    "INSERT INTO data_managers VALUES ($1,$2,$3,$4,$5,$6::jsonb,$7::jsonb,"
-                    "$8::jsonb,$9,$10)",
+                await insert_rows(
+                    conn, "data_managers", ("key", "owner", "name", "description",
+                                            "opener_checksum", "permissions", "logs_permission",
+                                            "metadata", "created_at", "position"),
                     [(d["key"], d["owner"], d["name"], d["description"], d["opener_checksum"],
                       j(d["permissions"]), j(d["logs_permission"]), j(d["metadata"]),
                       e.recorded_at, e.position) for e in run for d in (e.data,)],
                 )
             elif event_type == "DataSampleRegistered":
-                await conn.executemany(
-                    "INSERT INTO data_samples VALUES ($1,$2,$3,$4,$5,$6::jsonb,$7,$8)",
+                await insert_rows(
+                    conn, "data_samples", ("key", "owner", "data_manager_keys", "checksum",
+                                           "location", "metadata", "created_at", "position"),
                     [(d["key"], d["owner"], d["data_manager_keys"], d["checksum"], d["location"],
                       j(d["metadata"]), e.recorded_at, e.position) for e in run for d in (e.data,)],
                 )
@@ -70,9 +73,11 @@ class AssetsView(Projection):
                     [(e.data["key"], e.data["data_manager_keys"]) for e in run],
                 )
             elif event_type == "FunctionRegistered":
-                await conn.executemany(
-                    "INSERT INTO functions VALUES ($1,$2,$3,$4,$5::jsonb,$6::jsonb,$7::jsonb,$8,$9,"
-                    "$10::jsonb,$11::jsonb,$12::jsonb,$13,$14::jsonb,$15,$16)",
+                await insert_rows(
+                    conn, "functions", ("key", "owner", "name", "description", "permissions",
+                                        "inputs", "outputs", "image_source", "image", "command",
+                                        "entrypoint", "environment", "gpu", "metadata",
+                                        "created_at", "position"),
                     [(d["key"], d["owner"], d["name"], d["description"], j(d["permissions"]),
                       j(d["inputs"]), j(d["outputs"]), d["image_source"], d["image"],
                       j(d["command"]), None if d["entrypoint"] is None else j(d["entrypoint"]),
@@ -80,9 +85,10 @@ class AssetsView(Projection):
                      for e in run for d in (e.data,)],
                 )
             elif event_type == "DatasetRegistered":
-                await conn.executemany(
-                    "INSERT INTO datasets VALUES ($1,$2,$3,$4::jsonb,$5,$6::jsonb,$7::jsonb,$8,$9,"
-                    "$10,$11)",
+                await insert_rows(
+                    conn, "datasets", ("key", "owner", "name", "files", "total_size",
+                                       "permissions", "metadata", "compute_task_key",
+                                       "identifier", "created_at", "position"),
                     [(d["key"], d["owner"], d["name"], j(d["files"]), d["total_size"],
                       j(d["permissions"]), j(d["metadata"]), d.get("compute_task_key"),
                       d.get("identifier"), e.recorded_at, e.position)

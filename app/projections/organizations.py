@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from app.events.entries import LedgerEntry
-from app.projections.framework import Projection, runs_by_type
+from app.projections.framework import Projection, insert_rows, runs_by_type
 
 
 class OrganizationsView(Projection):
@@ -36,25 +36,17 @@ class OrganizationsView(Projection):
     async def apply(self, conn: asyncpg.Connection, entries: Sequence[LedgerEntry]) -> None:
         for event_type, run in runs_by_type(entries):
             if event_type == "OrganizationRegistered":
-                await conn.executemany(
-                    "INSERT INTO organizations (id, name, model_export_enabled, created_at) "
-                    "VALUES ($1, $2, $3, $4)",
-                    [
-                        (d["org_id"], d["name"], d["model_export_enabled"], e.recorded_at)
-                        for e in run
-                        for d in (e.data,)
-                    ],
+                await insert_rows(
+                    conn, "organizations", ("id", "name", "model_export_enabled", "created_at"),
+                    [(d["org_id"], d["name"], d["model_export_enabled"], e.recorded_at)
+                     for e in run for d in (e.data,)],
                 )
             elif event_type == "TokenIssued":
-                await conn.executemany(
-                    "INSERT INTO api_tokens (id, org, role, name, token_sha256, issued_at, "
-                    "issued_by) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    [
-                        (d["token_id"], d["org"], d["role"], d["name"], d["token_sha256"],
-                         e.recorded_at, e.actor)
-                        for e in run
-                        for d in (e.data,)
-                    ],
+                await insert_rows(
+                    conn, "api_tokens",
+                    ("id", "org", "role", "name", "token_sha256", "issued_at", "issued_by"),
+                    [(d["token_id"], d["org"], d["role"], d["name"], d["token_sha256"],
+                      e.recorded_at, e.actor) for e in run for d in (e.data,)],
                 )
             elif event_type == "TokenRevoked":
                 await conn.executemany(

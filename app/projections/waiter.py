@@ -48,9 +48,11 @@ class ProjectionWaiter:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = (need, future)
+        # No table read here: marks heard of are merged synchronously when a NOTIFY
+        # arrives, so a projection that landed before this point is already in
+        # `_satisfied` above, and one after it finds the waiter registered. A NOTIFY lost
+        # while the listener reconnects is covered by the poll of `_run`.
         self._waiters.append(item)
-        # The projection may have landed before we registered: check the table once.
-        self._refresh.set()
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
