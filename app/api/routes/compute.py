@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Query, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from app.api import compute
 from app.api.deps import PrincipalDep, RuntimeDep
@@ -152,19 +153,30 @@ async def plan_performances(
     return {"items": [dict(r) | {"metadata": json_value(r["metadata"])} for r in rows]}
 
 
-@router.get("/tasks")
+# A task as JSON, built by PostgreSQL: pages of 1,000 tasks are sent without decoding and
+# re-encoding their JSON columns in Python (same fields as task_json).
+_TASK_DOC = "(to_jsonb(t) - 'position' - 'version')::text"
+
+
+def _json(body: str, status_code: int = 200) -> Response:
+    return Response(content=body, status_code=status_code, media_type="application/json")
+
+
+@router.get("/tasks", response_class=Response, responses={200: {"content": {
+    "application/json": {"example": {"items": [], "next_cursor": None}}}}})
 async def list_tasks(
     _: PrincipalDep, runtime: RuntimeDep,
     compute_plan_key: str | None = None, worker: str | None = None, owner: str | None = None,
     task_status: Annotated[str | None, Query(alias="status")] = None,
     rank: int | None = None, category: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
-) -> dict[str, Any]:
-    """Tasks in registration order, filtered; page with `next_cursor`."""
+) -> Response:
+    """Tasks in registration order, filtered: `{"items": [...], "next_cursor": ...}`;
+    page with `next_cursor`."""
     after = decode_cursor(cursor, 1)
     async with runtime.pool.acquire() as conn:
         rows = await conn.fetch(
-            "SELECT * FROM compute_tasks WHERE position > $1 "
+            f"SELECT position, {_TASK_DOC} AS doc FROM compute_tasks t WHERE position > $1 "
             "AND ($2::text IS NULL OR compute_plan_key = $2) "
             "AND ($3::text IS NULL OR worker = $3) AND ($4::text IS NULL OR owner = $4) "
             "AND ($5::text IS NULL OR status = $5) AND ($6::int IS NULL OR rank = $6) "
@@ -174,13 +186,19 @@ async def list_tasks(
             category, limit + 1,
         )
     more = len(rows) > limit
-    return {"items": [task_json(r) for r in rows[:limit]],
-            "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
+    next_cursor = json.dumps(encode_cursor([rows[limit - 1]["position"]]) if more else None)
+    items = ",".join(r["doc"] for r in rows[:limit])
+    return _json(f'{{"items":[{items}],"next_cursor":{next_cursor}}}')
 
 
-@router.get("/tasks/{key}")
-async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
-    return await _task(runtime, key)
+@router.get("/tasks/{key}", response_class=Response, responses={404: {}})
+async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> Response:
+    """One task."""
+    async with runtime.pool.acquire() as conn:
+        doc = await conn.fetchval(f"SELECT {_TASK_DOC} FROM compute_tasks t WHERE key = $1", key)
+    if doc is None:
+        raise NotFound(f"no compute task {key}")
+    return _json(doc)
 
 
 @router.post("/tasks/{key}/actions")
