@@ -191,8 +191,15 @@ def register_tasks(
     by_key = {r.key: r for r in requests}
     order = _topological_order(requests, ctx)
     registered: dict[str, TaskRegistered] = {}
+    # Tasks of the batch as parents, each built once (a parent may feed many children).
+    batch: dict[str, _Parent] = {}
     for key in order:
-        registered[key] = _register_one(requester, by_key[key], ctx, registered)
+        event = _register_one(requester, by_key[key], ctx, batch)
+        registered[key] = event
+        batch[key] = _Parent(
+            key=key, worker=event.worker, rank=event.rank, status=TaskStatus(event.status),
+            outputs={name: output_from_json(o) for name, o in event.outputs.items()},
+        )
     return [registered[k] for k in order]
 
 
@@ -221,13 +228,9 @@ class _Parent:
     outputs: Mapping[str, TaskOutput]
 
 
-def _parent(key: str, ctx: RegistrationContext, batch: Mapping[str, TaskRegistered]) -> _Parent:
+def _parent(key: str, ctx: RegistrationContext, batch: Mapping[str, _Parent]) -> _Parent:
     if key in batch:
-        event = batch[key]
-        return _Parent(
-            key=key, worker=event.worker, rank=event.rank, status=TaskStatus(event.status),
-            outputs={name: output_from_json(o) for name, o in event.outputs.items()},
-        )
+        return batch[key]
     stored = ctx.tasks[key]
     return _Parent(key, stored.worker, stored.rank, stored.status, stored.outputs)
 
@@ -250,7 +253,7 @@ def _register_one(
     requester: str,
     request: TaskRequest,
     ctx: RegistrationContext,
-    batch: Mapping[str, TaskRegistered],
+    batch: Mapping[str, _Parent],
 ) -> TaskRegistered:
     where = f"task {request.key}"
     function = ctx.functions.get(request.function_key)
