@@ -7,9 +7,9 @@ implement "Task lifecycle": who may move a task where, and what follows automati
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
-import graphlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -194,29 +194,49 @@ def register_tasks(
     # Tasks of the batch as parents, each built once (a parent may feed many children).
     batch: dict[str, _Parent] = {}
     for key in order:
-        event = _register_one(requester, by_key[key], ctx, batch)
+        event, outputs = _register_one(requester, by_key[key], ctx, batch)
         registered[key] = event
-        batch[key] = _Parent(
-            key=key, worker=event.worker, rank=event.rank, status=TaskStatus(event.status),
-            outputs={name: output_from_json(o) for name, o in event.outputs.items()},
-        )
+        batch[key] = _Parent(key=key, worker=event.worker, rank=event.rank,
+                             status=TaskStatus(event.status), outputs=outputs)
     return [registered[k] for k in order]
 
 
 def _topological_order(requests: Sequence[TaskRequest], ctx: RegistrationContext) -> list[str]:
+    """Parents before children (Kahn's algorithm, in request order among equals)."""
     in_batch = {r.key for r in requests}
-    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    waiting: dict[str, set[str]] = {}
+    children: dict[str, list[str]] = {}
     for request in requests:
         parents = {i.parent_task_key for i in request.inputs if i.parent_task_key is not None}
         for parent in parents:
             if parent not in in_batch and parent not in ctx.tasks:
                 raise _bad(f"task {request.key}: unknown parent task {parent}", "unknown_parent")
-        sorter.add(request.key, *(p for p in parents if p in in_batch))
-    try:
-        return list(sorter.static_order())
-    except graphlib.CycleError as exc:
-        cycle = " -> ".join(str(k) for k in exc.args[1])
-        raise _bad(f"the tasks form a cycle: {cycle}", "cycle") from exc
+        waiting[request.key] = {p for p in parents if p in in_batch}
+        for parent in waiting[request.key]:
+            children.setdefault(parent, []).append(request.key)
+    ready = collections.deque(key for key, parents in waiting.items() if not parents)
+    order: list[str] = []
+    while ready:
+        key = ready.popleft()
+        order.append(key)
+        for child in children.get(key, ()):
+            waiting[child].discard(key)
+            if not waiting[child]:
+                ready.append(child)
+    if len(order) < len(waiting):
+        raise _bad(f"the tasks form a cycle: {' -> '.join(_a_cycle(waiting))}", "cycle")
+    return order
+
+
+def _a_cycle(waiting: Mapping[str, set[str]]) -> list[str]:
+    """One cycle among tasks still waiting for a parent (each has one, in the cycle or
+    itself waiting on one), found by walking up parents until a task repeats."""
+    key = next(k for k, parents in waiting.items() if parents)
+    path: list[str] = []
+    while key not in path:
+        path.append(key)
+        key = min(waiting[key])
+    return [*path[path.index(key):], key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +274,7 @@ def _register_one(
     request: TaskRequest,
     ctx: RegistrationContext,
     batch: Mapping[str, _Parent],
-) -> TaskRegistered:
+) -> tuple[TaskRegistered, dict[str, TaskOutput]]:
     where = f"task {request.key}"
     function = ctx.functions.get(request.function_key)
     if function is None:
@@ -381,7 +401,7 @@ def _register_one(
         outputs={name: o.to_json() for name, o in outputs.items()},
         parent_task_keys=sorted(parents), logs_permission=logs.to_json(),
         metadata=dict(request.metadata),
-    )
+    ), outputs
 
 
 def _infer_category(function: FunctionInfo) -> TaskCategory:

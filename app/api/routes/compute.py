@@ -175,13 +175,15 @@ async def list_tasks(
     page with `next_cursor`."""
     after = decode_cursor(cursor, 1)
     async with runtime.pool.acquire() as conn:
+        # The page is chosen first, then turned into JSON: in one query level PostgreSQL
+        # may build the JSON of every matching row before sorting and cutting the page.
         rows = await conn.fetch(
-            f"SELECT position, {_TASK_DOC} AS doc FROM compute_tasks t WHERE position > $1 "
-            "AND ($2::text IS NULL OR compute_plan_key = $2) "
+            f"SELECT position, {_TASK_DOC} AS doc FROM (SELECT * FROM compute_tasks "
+            "WHERE position > $1 AND ($2::text IS NULL OR compute_plan_key = $2) "
             "AND ($3::text IS NULL OR worker = $3) AND ($4::text IS NULL OR owner = $4) "
             "AND ($5::text IS NULL OR status = $5) AND ($6::int IS NULL OR rank = $6) "
             "AND ($7::text IS NULL OR category = $7) "
-            "ORDER BY position, key LIMIT $8",
+            "ORDER BY position, key LIMIT $8) t ORDER BY position, key",
             after[0] if after else 0, compute_plan_key, worker, owner, task_status, rank,
             category, limit + 1,
         )
