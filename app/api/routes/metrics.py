@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api.deps import RuntimeDep
@@ -24,17 +23,37 @@ def _outcome(status: int) -> str:
     return "rejected" if status < 500 else "error"
 
 
+class CommandCounter:
+    """Pure ASGI middleware counting commands by route and outcome (BaseHTTPMiddleware
+    would add a task group and a stream per request: a third of a command's CPU)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _COMMAND_METHODS:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.COMMANDS.labels(scope["method"], route, _outcome(status)).inc()
+
+
+_COMMAND_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def install(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def count_commands(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.COMMANDS.labels(request.method, path, _outcome(response.status_code)).inc()
-        return response
+    app.add_middleware(CommandCounter)
 
 
 @router.get("/metrics", response_class=Response)
