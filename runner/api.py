@@ -7,6 +7,7 @@ everyone else, so its organization's permissions apply to it too.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -44,15 +45,27 @@ def _raise_for(response: httpx.Response) -> None:
 class RunnerApi:
     def __init__(self, url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None
                  ) -> None:
+        # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s)
+        # could close one under a request being sent on it.
         self._http = httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(60.0, connect=5.0), transport=transport)
+            timeout=httpx.Timeout(60.0, connect=5.0), transport=transport,
+            limits=httpx.Limits(keepalive_expiry=2.0))
 
     async def close(self) -> None:
         await self._http.aclose()
 
     async def _json(self, method: str, url: str, **kw: Any) -> Any:
-        response = await self._http.request(method, url, **kw)
+        for attempt in range(3):
+            try:
+                response = await self._http.request(method, url, **kw)
+                break
+            except httpx.TransportError:
+                # Reads are safe to send again; a command may have arrived, so the caller
+                # decides (its next step sees the task's state either way).
+                if method != "GET" or attempt == 2:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
         _raise_for(response)
         return response.json() if response.content else None
 

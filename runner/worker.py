@@ -210,17 +210,23 @@ class Runner:
 
     async def _start(self, key: str, msg: Msg) -> dict[str, Any] | None:
         """The task as started for this runner (with its lease), or None if refused."""
-        try:
-            started = await self.api.act(key, "start", self.config.runner_id,
-                                         lease_seconds=self.config.lease_s)
-        except ApiError as exc:
-            log.debug("task %s not started: %s", key, exc)
-            await msg.ack()
-            return None
-        except httpx.TransportError as exc:
-            log.warning("task %s: API unreachable (%s); redelivering", key, exc)
-            await msg.nak(delay=2)
-            return None
+        for attempt in range(3):
+            try:
+                started = await self.api.act(key, "start", self.config.runner_id,
+                                             lease_seconds=self.config.lease_s)
+                break
+            except ApiError as exc:
+                log.debug("task %s not started: %s", key, exc)
+                await msg.ack()
+                return None
+            except httpx.TransportError as exc:
+                # Safe to send again: the API answers a repeated start by the same runner
+                # with the lease it already holds.
+                if attempt == 2:
+                    log.warning("task %s: API unreachable (%r); redelivering", key, exc)
+                    await msg.nak(delay=2)
+                    return None
+                await asyncio.sleep(0.2 * (attempt + 1))
         await msg.ack()
         return started
 
@@ -237,7 +243,7 @@ class Runner:
         except ExecutionFailure as exc:
             await self._fail(run, logs, "EXECUTION", str(exc))
         except (InputUnavailable, ChecksumMismatch, ApiError, httpx.HTTPError, OSError) as exc:
-            log.warning("task %s: %s", key, exc)
+            log.warning("task %s: %r", key, exc)
             await self._fail(run, logs, "INTERNAL", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - anything of ours fails the task, never hangs it
             log.exception("task %s: internal error", key)

@@ -52,6 +52,14 @@ async def test_runner_start_takes_a_lease_on_its_first_attempt(net: Network) -> 
     assert r.json()["lease"]["attempt"] == 1
 
 
+async def test_a_runner_sending_its_start_again_gets_its_lease_back(net: Network) -> None:
+    key = await one_task(net)
+    first = await start(net, key, "runner-1")
+    again = await start(net, key, "runner-1")  # its first answer was lost on the way
+    assert again.status_code == 200, again.text
+    assert again.json()["lease"]["attempt"] == first.json()["lease"]["attempt"] == 1
+
+
 async def test_second_runner_cannot_start_a_leased_task(net: Network) -> None:
     key = await one_task(net)
     assert (await start(net, key, "runner-1")).status_code == 200

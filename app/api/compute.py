@@ -227,6 +227,10 @@ async def act_on_task(
     if task.worker != org:  # checked again by the rule; no lease for a wrong sender
         raise Forbidden(f"only the task's worker ({task.worker}) may start it",
                         code="wrong_sender")
+    if task.status is TaskStatus.DOING:
+        held = await runtime.leases.holder(key)
+        if held is not None and held.runner_id == runner and held.live:
+            return held  # the same runner's start, sent again after a lost answer
     lease = await runtime.leases.grant(key, runner, body.lease_seconds)
     if lease is None:
         raise Conflict(f"task {key} is being run by another runner", code="task_leased", key=key)

@@ -30,6 +30,10 @@ class Lease:
     attempt: int
     expires_at: dt.datetime
 
+    @property
+    def live(self) -> bool:
+        return self.expires_at > dt.datetime.now(dt.UTC)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpiredRun:
