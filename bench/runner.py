@@ -9,7 +9,8 @@ of the local PostgreSQL (`CONSORT_TEST_PG`), dispatching over the local NATS
 
 - dispatch overhead: one task at a time, the time from its registration's answer (it is
   TODO in the views) to its container running, minus the time a bare start of the same
-  image takes (docker SDK create + start, or a bare child process), p50/p99 over --tasks;
+  image takes (docker SDK create + start, or a bare child process, measured just before
+  each task), p50 minus p50 and p99 minus p99 over --tasks;
 - trivial tasks/s: --trivial independent tasks in one plan, --concurrency at a time,
   from the registration's answer to the last one DONE.
 
@@ -47,28 +48,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def bare_start_s(kind: str, n: int = 20) -> float:
-    """Median time to get the same image's process running with nothing of ours."""
-    samples = []
+def bare_start_s(kind: str) -> float:
+    """Time to get the same image's process running with nothing of ours: a docker SDK
+    create + start (as the Docker backend does), or a bare child process."""
     if kind == "docker":
         import docker
 
         client = docker.from_env()
-        for _ in range(n):
-            t0 = time.monotonic()
-            container = client.containers.create(IMAGE, ["true"], network_mode="none")
-            container.start()
-            samples.append(time.monotonic() - t0)
-            container.remove(force=True)
-    else:
-        import subprocess
+        t0 = time.monotonic()
+        container = client.containers.create(IMAGE, ["true"], network_mode="none")
+        container.start()
+        elapsed = time.monotonic() - t0
+        container.remove(force=True)
+        client.close()
+        return elapsed
+    import subprocess
 
-        for _ in range(n):
-            t0 = time.monotonic()
-            proc = subprocess.Popen(["sh", "-c", "true"])
-            samples.append(time.monotonic() - t0)
-            proc.wait()
-    return statistics.median(samples)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["sh", "-c", "true"])
+    elapsed = time.monotonic() - t0
+    proc.wait()
+    return elapsed
 
 
 async def trivial_function(stack: Stack, kind: str) -> str:
@@ -100,13 +100,14 @@ async def bench(args: argparse.Namespace, database_url: str, home: Path) -> dict
                                                 cache_dir=home / "backend")).backend
         runner = await stack.runner("org-a", backend, concurrency=args.concurrency)
         function = await trivial_function(stack, args.backend)
-        bare = bare_start_s(args.backend)
-        print(f"bare start of the image ({args.backend}): {bare * 1000:.1f} ms (median of 20)")
-
-        overheads: list[float] = []
+        # The engine's speed drifts with the machine's load: a bare start is measured
+        # before each task, and the overhead is ours minus the bare one, in distribution.
+        bares: list[float] = []
+        ours: list[float] = []
         phases: dict[str, list[float]] = {"fetched from NATS": [], "prepared": [],
                                           "start accepted": [], "process running": []}
         for i in range(args.tasks + 3):
+            bare = await asyncio.to_thread(bare_start_s, args.backend)
             key = str(uuid.uuid4())
             await stack.plan("org-a", [{"key": key, "function_key": function,
                                         "worker": "org-a"}])
@@ -114,14 +115,20 @@ async def bench(args: argparse.Namespace, database_url: str, home: Path) -> dict
             await wait_done(stack, [key], 60)
             if i >= 3:  # the first runs warm the image and connections
                 started = runner.results[key].started_at_monotonic
-                overheads.append(started - todo_at - bare)
+                bares.append(bare)
+                ours.append(started - todo_at)
                 seen = runner.phases[key]
                 # The task is prepared (container created) while the API records its
                 # start; the process starts once the start is accepted.
                 marks = [todo_at, seen["fetched"], seen["prepared"], seen["started"], started]
                 for name, (a, b) in zip(phases, zip(marks, marks[1:], strict=False), strict=True):
                     phases[name].append(b - a)
-        p50, p99 = percentile(overheads, 0.5) * 1000, percentile(overheads, 0.99) * 1000
+        bare50, bare99 = percentile(bares, 0.5), percentile(bares, 0.99)
+        p50 = (percentile(ours, 0.5) - bare50) * 1000
+        p99 = (percentile(ours, 0.99) - bare99) * 1000
+        print(f"bare start of the image ({args.backend}): p50 {bare50 * 1000:.1f} ms, "
+              f"p99 {bare99 * 1000:.1f} ms; TODO to running: p50 "
+              f"{percentile(ours, 0.5) * 1000:.1f} ms, p99 {percentile(ours, 0.99) * 1000:.1f} ms")
         print(f"dispatch overhead over {args.tasks} tasks: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         print("  median time of each phase after the previous one: " + ", ".join(
             f"{name} +{statistics.median(v) * 1000:.1f} ms" for name, v in phases.items()))
