@@ -119,11 +119,12 @@ def _save_admin_token(home: Path, token: str) -> Path | None:
         return None
 
 
-def _announce_admin_token(runtime: Runtime, home: Path) -> None:
+def _announce_admin_token(runtime: Runtime, home: Path, saved: Path | None = None) -> None:
     token = runtime.generated_admin_token
     if token is None:
         return
-    saved = _save_admin_token(home, token)
+    if saved is None:
+        saved = _save_admin_token(home, token)
     out.print("\n[bold]Admin token[/] (generated on first start, shown once):")
     out.print(f"  {token}", markup=False)
     if saved is not None:
@@ -146,7 +147,7 @@ def _describe(stack: Stack) -> list[tuple[str, str]]:
 
 async def _announce_when_listening(
     server: uvicorn.Server, runtime: Runtime, stack: Stack, settings: Settings,
-    host: str, port: int,
+    host: str, port: int, saved_token: Path | None,
 ) -> None:
     while not server.started:
         if server.should_exit:
@@ -157,7 +158,7 @@ async def _announce_when_listening(
     out.print(f"  API docs    {base}/docs", markup=False)
     for name, value in _describe(stack):
         out.print(f"  {name:<11} {value}", markup=False)
-    _announce_admin_token(runtime, settings.home)
+    _announce_admin_token(runtime, settings.home, saved_token)
     out.print("Press Ctrl-C to stop.")
 
 
@@ -170,6 +171,9 @@ async def _serve(
     assert stack.database_url is not None
     runtime = Runtime(stack.database_url, stack.nats_url, settings.admin_token)
     await runtime.start()
+    # Saved before the API answers, so that whoever sees /ready can read it.
+    saved_token = (_save_admin_token(settings.home, runtime.generated_admin_token)
+                   if runtime.generated_admin_token is not None else None)
     local = None
     try:
         if stopper.requested is not None:
@@ -186,7 +190,7 @@ async def _serve(
         server = _Server(config)
         stopper.server, stopper.task = server, None
         announce = asyncio.create_task(
-            _announce_when_listening(server, runtime, stack, settings, host, port)
+            _announce_when_listening(server, runtime, stack, settings, host, port, saved_token)
         )
         try:
             await server.serve()
