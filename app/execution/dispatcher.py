@@ -138,6 +138,9 @@ class Dispatcher:
                 log.warning("dispatching paused: %s", exc)
             self._wake.clear()
             await wake_or_poll(self._wake, self._poll_s)
+            # Every projected batch wakes us; under a stream of commits, one pass per
+            # 10 ms is plenty and keeps the TODO scan off PostgreSQL's hot path.
+            await asyncio.sleep(0.01)
 
     async def dispatch_once(self) -> int:
         """Publish one batch of undispatched TODO tasks; returns how many."""
