@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -349,15 +349,23 @@ def replay(
 ) -> None:
     """Drop every view and rebuild it from the ledger."""
     settings = Settings.from_env()
+    _on_database(settings, "replay", lambda url: _replay(url, settings, resume))
+
+
+def _on_database(
+    settings: Settings, what: str, work: Callable[[str], Coroutine[Any, Any, None]]
+) -> None:
+    """Run a tool's `work` on the configured or embedded database (started for it and
+    stopped after when nobody else holds it); nothing to do when there is none yet."""
     _terminate_as_interrupt()
     stack = _stack_for_tools(settings)
     if stack is None:
-        out.print(f"No database under {settings.home}: nothing to replay.", markup=False)
+        out.print(f"No database under {settings.home}: nothing to {what}.", markup=False)
         return
     try:
         with stack:
             assert stack.database_url is not None
-            asyncio.run(_replay(stack.database_url, settings, resume))
+            asyncio.run(work(stack.database_url))
     except EmbeddedError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -409,19 +417,13 @@ def verify(
     org: str | None = typer.Option(None, "--org", help="Verify this organization's ledger only."),
 ) -> None:
     """Recompute every hash chain; exit 1 naming the first bad entry if one is broken."""
-    settings = Settings.from_env()
-    _terminate_as_interrupt()
-    stack = _stack_for_tools(settings)
-    if stack is None:
-        out.print(f"No database under {settings.home}: nothing to verify.", markup=False)
-        return
-    try:
-        with stack:
-            assert stack.database_url is not None
-            code = asyncio.run(_verify(stack.database_url, org))
-    except EmbeddedError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+    code = 0
+
+    async def work(url: str) -> None:
+        nonlocal code
+        code = await _verify(url, org)
+
+    _on_database(Settings.from_env(), "verify", work)
     raise typer.Exit(code)
 
 
