@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -70,6 +71,8 @@ class Projector:
         self._notifications = notifications
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
+        # (position it starts after, the read) of the next batch, while catching up.
+        self._read_ahead: tuple[int, asyncio.Task[list[LedgerEntry]]] | None = None
         self.position = 0
 
     async def ensure_schema(self) -> None:
@@ -102,8 +105,12 @@ class Projector:
             )
         self.position = 0
 
-    async def run_once(self) -> int:
-        """Apply the next batch of entries to every view; returns how many were read."""
+    async def run_once(self, *, read_ahead: bool = False) -> int:
+        """Apply the next batch of entries to every view; returns how many were read.
+
+        With `read_ahead` (catching up a backlog) the batch after this one is read on
+        another connection while this one is applied and committed: the ledger is
+        immutable and positions are gapless, so that read needs no lock."""
         async with self._pool.acquire() as conn, conn.transaction():
             # Views can be rebuilt from the ledger, so a commit lost in a crash costs
             # nothing but a re-apply; skip waiting for the fsync (set_config(..., true) is
@@ -118,10 +125,15 @@ class Projector:
                 )
             }
             start = min(tracking.values(), default=0)
-            entries = await read_positions(conn, start, self._batch_size, hashes=False)
+            entries = await self._take_read_ahead(start)
+            if not entries:
+                entries = await read_positions(conn, start, self._batch_size, hashes=False)
             if not entries:
                 self.position = start
                 return 0
+            if read_ahead and entries[-1].position is not None:
+                self._read_ahead = (entries[-1].position, asyncio.create_task(
+                    self._read_alone(entries[-1].position)))
             for projection in self.projections:
                 done = tracking[projection.name]
                 todo = entries if done <= start else [
@@ -154,11 +166,31 @@ class Projector:
     async def catch_up(self) -> int:
         """Apply batches until nothing is left; returns the number of entries applied."""
         total = 0
-        while True:
-            applied = await self.run_once()
-            total += applied
-            if applied == 0:
-                return total
+        try:
+            while True:
+                applied = await self.run_once(read_ahead=True)
+                total += applied
+                if applied == 0:
+                    return total
+        finally:
+            await self._take_read_ahead(-1)  # drop one left over (an error, or the end)
+
+    async def _read_alone(self, after: int) -> list[LedgerEntry]:
+        async with self._pool.acquire() as conn:
+            return await read_positions(conn, after, self._batch_size, hashes=False)
+
+    async def _take_read_ahead(self, start: int) -> list[LedgerEntry]:
+        """The batch read ahead if it starts at `start` (else nothing; it is dropped)."""
+        pending, self._read_ahead = self._read_ahead, None
+        if pending is None:
+            return []
+        after, task = pending
+        if after != start:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return []
+        return await task
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="projector")
