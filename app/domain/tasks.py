@@ -467,12 +467,18 @@ def _with_owner(perm: Permission, owner: str, orgs: frozenset[str], where: str) 
 
 def initial_status(parent_statuses: Iterable[TaskStatus]) -> TaskStatus:
     """TODO without parents or when all are DONE; CANCELED if one failed or was canceled."""
-    statuses = list(parent_statuses)
-    if any(s in (TaskStatus.FAILED, TaskStatus.CANCELED) for s in statuses):
+    statuses = set(parent_statuses)
+    if statuses & _ENDED_BADLY:
         return TaskStatus.CANCELED
-    if all(s is TaskStatus.DONE for s in statuses):
+    if statuses <= _ONLY_DONE:
         return TaskStatus.TODO
     return TaskStatus.WAITING
+
+
+# Sets built once: an enum member looked up in a loop costs a descriptor call each time,
+# which showed in the registration of large batches.
+_ENDED_BADLY = frozenset({TaskStatus.FAILED, TaskStatus.CANCELED})
+_ONLY_DONE = frozenset({TaskStatus.DONE})
 
 
 # (from, to) → who may ask: the task's worker or its owner.
