@@ -23,37 +23,18 @@ from runner.contract import (
     BuildError,
     ImageSourceKind,
     ImageSpec,
-    IOEntry,
-    RunResult,
     RunSpec,
     choose_backend,
 )
 from tests import images
+from tests.backend_tasks import MODEL_KEY, run, sh
+from tests.backend_tasks import task as shared_task
 
 # The session fixtures of tests/images.py, brought in by assignment (an import would read
 # as an unused name redefined by each test's parameter).
 docker_engine = images.docker_engine
 busybox_image = images.busybox_image
 python_image = images.python_image
-
-MODEL_KEY = "0b6cc0d4-0d0c-4c3f-9a55-7b0e0f4ad001"
-
-
-class Logs:
-    """An on_log sink remembering every chunk and when it arrived."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.arrivals: list[float] = []
-
-    async def __call__(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.arrivals.append(time.monotonic())
-
-    @property
-    def text(self) -> str:
-        return b"".join(self.chunks).decode()
-
 
 @pytest.fixture
 async def backend(docker_engine: docker.DockerClient) -> AsyncIterator[DockerBackend]:
@@ -77,36 +58,7 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def task(workdir: Path, image: str, command: list[str], **fields: object) -> RunSpec:
-    values: dict[str, object] = {
-        "task_key": f"task-{uuid.uuid4()}",
-        "image": image,
-        "command": command,
-        "entrypoint": None,
-        "environment": {},
-        "gpu": False,
-        "workdir": workdir,
-        "inputs": [IOEntry("model", "MODEL", f"input/models/{MODEL_KEY}", key=MODEL_KEY)],
-        "outputs": [
-            IOEntry("model", "MODEL", "output/model"),
-            IOEntry("performance", "PERFORMANCE", "output/performance"),
-        ],
-        "timeout_s": 30.0,
-    }
-    values.update(fields)
-    return RunSpec(**values)  # type: ignore[arg-type]
-
-
-def sh(script: str) -> list[str]:
-    # The io.json path lands in $1 (the backend appends it; "sh" is $0).
-    return ["sh", "-c", script, "sh"]
-
-
-async def run(
-    backend: DockerBackend, spec: RunSpec, cancel: asyncio.Event | None = None
-) -> tuple[RunResult, Logs]:
-    logs = Logs()
-    result = await backend.run(spec, logs, cancel or asyncio.Event())
-    return result, logs
+    return shared_task(workdir, command, image, **fields)
 
 
 def containers_of(client: docker.DockerClient, spec: RunSpec) -> list[object]:

@@ -26,31 +26,16 @@ from runner.contract import (
     BuildError,
     ImageSourceKind,
     ImageSpec,
-    IOEntry,
-    RunResult,
     RunSpec,
     choose_backend,
 )
+from tests.backend_tasks import MODEL_KEY, run, sh
+from tests.backend_tasks import task as shared_task
 
-MODEL_KEY = "0b6cc0d4-0d0c-4c3f-9a55-7b0e0f4ad001"
 HOST = "host:"  # what prepare_image gives for an image reference
 IS_ROOT = os.geteuid() == 0
 # As root, chmod does not stop the process: the backend then runs it as nobody.
 RUN_AS = (65534, 65534) if IS_ROOT else None
-
-
-class Logs:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.arrivals: list[float] = []
-
-    async def __call__(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.arrivals.append(time.monotonic())
-
-    @property
-    def text(self) -> str:
-        return b"".join(self.chunks).decode()
 
 
 @pytest.fixture
@@ -93,35 +78,7 @@ def workdir(open_dir: Path) -> Path:
 
 
 def task(workdir: Path, command: list[str], image: str = HOST, **fields: object) -> RunSpec:
-    values: dict[str, object] = {
-        "task_key": f"task-{uuid.uuid4()}",
-        "image": image,
-        "command": command,
-        "entrypoint": None,
-        "environment": {},
-        "gpu": False,
-        "workdir": workdir,
-        "inputs": [IOEntry("model", "MODEL", f"input/models/{MODEL_KEY}", key=MODEL_KEY)],
-        "outputs": [
-            IOEntry("model", "MODEL", "output/model"),
-            IOEntry("performance", "PERFORMANCE", "output/performance"),
-        ],
-        "timeout_s": 30.0,
-    }
-    values.update(fields)
-    return RunSpec(**values)  # type: ignore[arg-type]
-
-
-def sh(script: str) -> list[str]:
-    return ["sh", "-c", script, "sh"]
-
-
-async def run(
-    backend: SubprocessBackend, spec: RunSpec, cancel: asyncio.Event | None = None
-) -> tuple[RunResult, Logs]:
-    logs = Logs()
-    result = await backend.run(spec, logs, cancel or asyncio.Event())
-    return result, logs
+    return shared_task(workdir, command, image, **fields)
 
 
 # -- the contract -----------------------------------------------------------------------
