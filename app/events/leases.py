@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS task_leases (
 """
 
 
+_COLUMNS = "task_key, runner_id, attempt, expires_at"  # the fields of Lease
+
+
 @dataclasses.dataclass(frozen=True)
 class Lease:
     task_key: str
@@ -73,7 +76,7 @@ class TaskLeases:
                 "ON CONFLICT (task_key) DO UPDATE SET runner_id = EXCLUDED.runner_id, "
                 "attempt = l.attempt + 1, expires_at = EXCLUDED.expires_at "
                 "WHERE l.expires_at < now() "
-                "RETURNING task_key, runner_id, attempt, expires_at",
+                f"RETURNING {_COLUMNS}",
                 task_key, runner_id, ttl_s,
             )
         return Lease(**dict(row)) if row is not None else None
@@ -93,7 +96,7 @@ class TaskLeases:
             row = await conn.fetchrow(
                 "UPDATE task_leases SET expires_at = now() + make_interval(secs => $3) "
                 "WHERE task_key = $1 AND runner_id = $2 "
-                "RETURNING task_key, runner_id, attempt, expires_at",
+                f"RETURNING {_COLUMNS}",
                 task_key, runner_id, ttl_s,
             )
         return Lease(**dict(row)) if row is not None else None
@@ -101,7 +104,7 @@ class TaskLeases:
     async def holder(self, task_key: str) -> Lease | None:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT task_key, runner_id, attempt, expires_at FROM task_leases "
+                f"SELECT {_COLUMNS} FROM task_leases "
                 "WHERE task_key = $1", task_key)
         return Lease(**dict(row)) if row is not None else None
 
