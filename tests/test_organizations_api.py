@@ -101,3 +101,14 @@ async def test_organizations_list_is_paginated(client: httpx.AsyncClient) -> Non
     assert seen == [f"org-{i}" for i in range(5)]
     bad = await client.get("/organizations", params={"cursor": "garbage"})
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
+
+
+async def test_issued_token_info_is_what_the_token_list_shows(client: httpx.AsyncClient) -> None:
+    created = await client.post("/organizations", json={"id": "org-a", "name": "A"})
+    first = created.json()["token"]
+    issued = await client.post("/tokens", json={"name": "ci"}, headers=bearer(first["token"]))
+    listed = await client.get("/tokens", headers=bearer(first["token"]))
+    by_id = {item["id"]: item for item in listed.json()["items"]}
+    assert by_id[first["info"]["id"]] == first["info"]
+    assert by_id[issued.json()["info"]["id"]] == issued.json()["info"]
+    assert issued.json()["info"]["issued_by"] == "org-a"

@@ -22,6 +22,7 @@ from app.api.schemas import (
 )
 from app.domain import organizations as rules
 from app.domain.errors import NotFound
+from app.events.entries import LedgerEntry
 from app.runtime import Runtime, hash_token, new_token
 
 router = APIRouter(tags=["organizations"])
@@ -45,6 +46,16 @@ async def _token(runtime: Runtime, token_id: str) -> TokenInfo | None:
     return TokenInfo(**dict(row)) if row else None
 
 
+def _issued(entry: LedgerEntry) -> TokenInfo:
+    """The view's row for a token just issued, read off its ledger entry: the same fields
+    the organizations projection stores, without a query back."""
+    data = entry.data
+    return TokenInfo(
+        id=data["token_id"], org=data["org"], role=data["role"], name=data["name"],
+        issued_at=entry.recorded_at, issued_by=entry.actor, revoked_at=None,
+    )
+
+
 @router.post("/organizations", status_code=status.HTTP_201_CREATED)
 async def register_organization(
     body: OrganizationIn, actor: PrincipalDep, runtime: RuntimeDep
@@ -56,14 +67,15 @@ async def register_organization(
     events = rules.register_organization(
         actor, body.id, body.name, body.model_export_enabled, exists, token_id, hash_token(token)
     )
-    await runtime.record(
+    entries = await runtime.record(
         actor, rules.ledger_of(actor, body.id), events,
         expected_versions={f"organization/{body.id}": 0},
     )
+    [issued] = [e for e in entries if e.event_type == "TokenIssued"]
     org = await _organization(runtime, body.id)
-    info = await _token(runtime, token_id)
-    assert org is not None and info is not None
-    return OrganizationCreated(organization=org, token=IssuedToken(token=token, info=info))
+    assert org is not None
+    token_out = IssuedToken(token=token, info=_issued(issued))
+    return OrganizationCreated(organization=org, token=token_out)
 
 
 @router.get("/organizations")
@@ -105,10 +117,8 @@ async def issue_token(body: TokenIn, actor: PrincipalDep, runtime: RuntimeDep) -
         actor, body.role, org if body.role == "org" else body.org, org_exists, body.name,
         token_id, hash_token(token),
     )
-    await runtime.record(actor, rules.ledger_of(actor, event.org), [event])
-    info = await _token(runtime, token_id)
-    assert info is not None
-    return IssuedToken(token=token, info=info)
+    [entry] = await runtime.record(actor, rules.ledger_of(actor, event.org), [event])
+    return IssuedToken(token=token, info=_issued(entry))
 
 
 @router.get("/tokens", tags=["tokens"])
