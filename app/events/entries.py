@@ -7,6 +7,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from app.domain.events import is_versioned, upcast
 from app.events.canonical import canonical_text, chain_hash
 
 
@@ -61,6 +62,18 @@ class LedgerEntry:
 
     @property
     def data(self) -> dict[str, Any]:
+        """The event's data in its class's current shape (older entries upcast)."""
+        return upcast(self.event_type, self.recorded_data())
+
+    @property
+    def current_json(self) -> str:
+        """`data` as JSON: the recorded text itself unless the entry needs upcasting."""
+        if not is_versioned(self.event_type):
+            return self.data_json
+        return json.dumps(self.data, separators=(",", ":"))
+
+    def recorded_data(self) -> dict[str, Any]:
+        """The data exactly as recorded and hashed, whatever its version."""
         value: dict[str, Any] = json.loads(self.data_json)
         return value
 
@@ -75,7 +88,7 @@ class LedgerEntry:
             asset_key=self.asset_key,
             version=self.version,
             event_type=self.event_type,
-            data=self.data,
+            data=self.recorded_data(),
             reason=self.reason,
         )
 
@@ -83,6 +96,8 @@ class LedgerEntry:
         return chain_hash(self.prev_hash, self.hashed_fields())
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as recorded, for auditors: they recompute its hash from these fields,
+        so the data is never upcast here."""
         return {
             "id": self.id,
             "org": self.org,
@@ -94,7 +109,7 @@ class LedgerEntry:
             "asset_key": self.asset_key,
             "version": self.version,
             "event_type": self.event_type,
-            "data": self.data,
+            "data": self.recorded_data(),
             "reason": self.reason,
             "prev_hash": self.prev_hash.hex(),
             "hash": self.hash.hex(),

@@ -109,7 +109,7 @@ class ComputeView(Projection):
                 # 10,000 tasks is one statement, with no decoding and re-encoding of every
                 # task's inputs and outputs in Python. The counts per (plan, status) come back.
                 counts = await conn.fetch(
-                    _INSERT_TASKS, [e.data_json for e in run], [e.recorded_at for e in run],
+                    _INSERT_TASKS, [e.current_json for e in run], [e.recorded_at for e in run],
                     [e.position for e in run], [e.version for e in run], list(_FINAL),
                 )
                 await self._count(conn, Counter(
