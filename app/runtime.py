@@ -64,6 +64,7 @@ class Runtime:
         outbox_config: OutboxConfig | None = None,
         dispatch: bool = True,
         dispatch_config: DispatchConfig | None = None,
+        view_wait_s: float = 30.0,
     ) -> None:
         self.database_url = database_url
         self.nats_url = nats_url
@@ -83,6 +84,8 @@ class Runtime:
             artifacts_dir if artifacts_dir is not None else default_home() / "artifacts"
         )
         self.max_upload_bytes = max_upload_bytes
+        # How long a command waits for the views to show it before answering 503.
+        self.view_wait_s = view_wait_s
 
     async def start(self) -> None:
         self.pool = await create_pool(self.database_url, self._pool_size)
@@ -162,7 +165,7 @@ class Runtime:
             expected_versions=expected_versions or {},
         )
         entries = await self.appender.append(request)
-        await self.waiter.wait(entries)
+        await self.waiter.wait(entries, self.view_wait_s)
         return entries
 
     async def readiness(self) -> dict[str, bool]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.domain.errors import Conflict, DomainError, Forbidden, InvalidCommand, NotFound
+from app.projections.waiter import ViewsBehind
 from app.storage.archives import UnsafeArchive
 from app.storage.artifacts import (
     ArtifactNotFound,
@@ -25,6 +27,15 @@ from app.storage.artifacts import (
 )
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL cannot be reached or is going down. The same request may succeed in a moment,
+# as the pool reconnects by itself; a retried registration is safe (idempotent by key).
+DATABASE_UNAVAILABLE = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -103,6 +114,20 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return problem(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(ViewsBehind)
+    async def _views_behind(_: Request, exc: ViewsBehind) -> JSONResponse:
+        log.warning("views behind: %s", exc)
+        recorded = [{"org": org, "sequence": seq} for org, seq in sorted(exc.recorded.items())]
+        return problem(503, "views_behind", str(exc), {"Retry-After": "1"}, recorded=recorded)
+
+    for unavailable in DATABASE_UNAVAILABLE:
+        @app.exception_handler(unavailable)
+        async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+            log.warning("database unavailable: %r", exc)
+            return problem(503, "database_unavailable",
+                           "the database cannot be reached right now; retry in a moment",
+                           {"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,20 @@ from app.events.notifications import Notifications
 log = logging.getLogger(__name__)
 
 
+class ViewsBehind(Exception):
+    """The entries are recorded, but the views did not show them in time.
+
+    The command took effect (the ledger has it) and will appear once the projector
+    catches up: the caller must not be told it failed.
+    """
+
+    def __init__(self, recorded: dict[str, int], waited_s: float) -> None:
+        self.recorded = recorded
+        self.waited_s = waited_s
+        where = ", ".join(f"{org} up to sequence {seq}" for org, seq in sorted(recorded.items()))
+        super().__init__(f"recorded on the ledger ({where}), but the views did not show it "
+                         f"within {waited_s:g} s; it will appear once they catch up")
+
 class ProjectionWaiter:
     def __init__(self, pool: asyncpg.Pool, notifications: Notifications) -> None:
         self._pool = pool
@@ -40,7 +54,7 @@ class ProjectionWaiter:
         self._task = None
 
     async def wait(self, entries: Sequence[LedgerEntry], timeout: float = 30.0) -> None:
-        """Return once every view includes these entries (TimeoutError after `timeout`)."""
+        """Return once every view includes these entries (ViewsBehind after `timeout`)."""
         need: dict[str, int] = {}
         for entry in entries:
             need[entry.org] = max(need.get(entry.org, 0), entry.sequence)
@@ -55,6 +69,8 @@ class ProjectionWaiter:
         self._waiters.append(item)
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise ViewsBehind(need, timeout) from None
         finally:
             if item in self._waiters:
                 self._waiters.remove(item)
