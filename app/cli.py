@@ -313,16 +313,15 @@ async def _replay(database_url: str, settings: Settings, resume: bool) -> None:
             out.print("Dropping every view and rebuilding it from the ledger ...")
             await projector.reset()
         started = last_report = time.perf_counter()
-        total = 0
-        while True:
-            applied = await projector.run_once()
-            if applied == 0:
-                break
-            total += applied
+
+        def progress(total: int) -> None:
+            nonlocal last_report
             now = time.perf_counter()
             if now - last_report >= 2.0:
                 last_report = now
                 err.print(f"  ... {total} entries, position {projector.position}")
+
+        total = await projector.catch_up(progress)
         elapsed = time.perf_counter() - started
         rate = total / elapsed if elapsed > 0 else 0.0
         out.print(f"Replayed {total} entries in {elapsed:.2f} s ({rate:,.0f} events/s), "

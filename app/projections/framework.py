@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -163,8 +163,10 @@ class Projector:
         self.position = last
         return len(entries)
 
-    async def catch_up(self) -> int:
-        """Apply batches until nothing is left; returns the number of entries applied."""
+    async def catch_up(self, on_batch: Callable[[int], None] | None = None) -> int:
+        """Apply batches until nothing is left; returns the number of entries applied.
+
+        `on_batch` hears the running total after each batch (for progress reports)."""
         total = 0
         try:
             while True:
@@ -172,6 +174,8 @@ class Projector:
                 total += applied
                 if applied == 0:
                     return total
+                if on_batch is not None:
+                    on_batch(total)
         finally:
             await self._take_read_ahead(-1)  # drop one left over (an error, or the end)
 
