@@ -83,6 +83,16 @@ def _new_key(key: str | uuid.UUID | None) -> str:
 
 # --- pagination --------------------------------------------------------------------------------
 
+MetadataFilter = Mapping[str, str | None]
+
+
+def _metadata(metadata: MetadataFilter | None) -> list[str] | None:
+    """`{"site": "lyon", "year": None}`: site is exactly lyon, and year is present."""
+    if not metadata:
+        return None
+    return [key if value is None else f"{key}:{value}" for key, value in metadata.items()]
+
+
 def paged(model: type[M], path: str, page_size: int = 100, **params: Any) -> Op[None]:
     """Every item of a cursor-paginated listing, emitted one by one."""
     cursor: str | None = None
@@ -232,8 +242,10 @@ def _model_input(value: BaseModel | Mapping[str, Any] | None) -> Any:
     return value.model_dump() if isinstance(value, BaseModel) else value
 
 
-def iter_data_managers(*, owner: str | None = None, page_size: int = 100) -> Op[None]:
-    return paged(m.DataManager, "/data_managers", page_size, owner=owner)
+def iter_data_managers(*, owner: str | None = None, metadata: MetadataFilter | None = None,
+                       page_size: int = 100) -> Op[None]:
+    return paged(m.DataManager, "/data_managers", page_size, owner=owner,
+                 metadata=_metadata(metadata))
 
 
 def get_data_manager(key: str) -> Op[m.DataManager]:
@@ -266,9 +278,10 @@ def link_data_sample(key: str, data_manager_keys: Sequence[str]) -> Op[m.DataSam
 
 
 def iter_data_samples(*, owner: str | None = None, data_manager_key: str | None = None,
-                      page_size: int = 100) -> Op[None]:
+                      metadata: MetadataFilter | None = None, page_size: int = 100
+                      ) -> Op[None]:
     return paged(m.DataSample, "/data_samples", page_size, owner=owner,
-                 data_manager_key=data_manager_key)
+                 data_manager_key=data_manager_key, metadata=_metadata(metadata))
 
 
 def get_data_sample(key: str) -> Op[m.DataSample]:
@@ -304,8 +317,10 @@ def add_function(
     return (yield from _register(m.Function, "/functions", body, key, f"/functions/{key}"))
 
 
-def iter_functions(*, owner: str | None = None, page_size: int = 100) -> Op[None]:
-    return paged(m.Function, "/functions", page_size, owner=owner)
+def iter_functions(*, owner: str | None = None, metadata: MetadataFilter | None = None,
+                   page_size: int = 100) -> Op[None]:
+    return paged(m.Function, "/functions", page_size, owner=owner,
+                 metadata=_metadata(metadata))
 
 
 def get_function(key: str) -> Op[m.Function]:
@@ -350,9 +365,9 @@ def add_dataset(
 
 
 def iter_datasets(*, owner: str | None = None, compute_task_key: str | None = None,
-                  page_size: int = 100) -> Op[None]:
+                  metadata: MetadataFilter | None = None, page_size: int = 100) -> Op[None]:
     return paged(m.Dataset, "/datasets", page_size, owner=owner,
-                 compute_task_key=compute_task_key)
+                 compute_task_key=compute_task_key, metadata=_metadata(metadata))
 
 
 def get_dataset(key: str) -> Op[m.Dataset]:
@@ -478,8 +493,10 @@ def get_compute_plan(key: str) -> Op[m.ComputePlan]:
 
 
 def iter_compute_plans(*, owner: str | None = None, status: str | None = None,
-                       page_size: int = 100) -> Op[None]:
-    return paged(m.ComputePlan, "/compute_plans", page_size, owner=owner, status=status)
+                       metadata: MetadataFilter | None = None, page_size: int = 100
+                       ) -> Op[None]:
+    return paged(m.ComputePlan, "/compute_plans", page_size, owner=owner, status=status,
+                 metadata=_metadata(metadata))
 
 
 def cancel_compute_plan(key: str) -> Op[m.ComputePlan]:
@@ -511,11 +528,13 @@ def wait_compute_plan(key: str, *, timeout: float | None = None,
 def iter_tasks(
     *, compute_plan_key: str | None = None, worker: str | None = None,
     owner: str | None = None, status: str | None = None, rank: int | None = None,
-    category: str | None = None, page_size: int = 100,
+    category: str | None = None, metadata: MetadataFilter | None = None,
+    page_size: int = 100,
 ) -> Op[None]:
-    """Tasks in registration order, filtered."""
+    """Tasks in registration order, filtered (`metadata`: see `_metadata`)."""
     return paged(m.Task, "/tasks", page_size, compute_plan_key=compute_plan_key,
-                 worker=worker, owner=owner, status=status, rank=rank, category=category)
+                 worker=worker, owner=owner, status=status, rank=rank, category=category,
+                 metadata=_metadata(metadata))
 
 
 def get_task(key: str) -> Op[m.Task]:

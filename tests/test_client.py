@@ -152,7 +152,13 @@ async def test_async_client_covers_every_endpoint(
     with pytest.raises(Forbidden):
         await c.download_opener(dm.key, tmp_path / "nope.py")
     assert not (tmp_path / "nope.py").exists()
-    second_dm = await a.add_data_manager("second", opener_checksum=dm.opener_checksum)
+    second_dm = await a.add_data_manager("second", opener_checksum=dm.opener_checksum,
+                                         metadata={"ward": "7"})
+    assert [d.key async for d in b.iter_data_managers(metadata={"ward": "7"})] == [
+        second_dm.key]
+    assert [d.key async for d in b.iter_data_managers(metadata={"ward": None})] == [
+        second_dm.key]
+    assert [d.key async for d in b.iter_data_managers(metadata={"ward": "8"})] == []
     linked = await a.link_data_sample(fed.samples["org-a"], [second_dm.key])
     assert set(linked.data_manager_keys) == {dm.key, second_dm.key}
     assert (await a.get_data_sample(linked.key)).location == "/data/org-a"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.api.filters import MetadataFilter
 from app.api.pagination import decode_cursor, encode_cursor
 from app.api.schemas_assets import PermissionsIn
 from app.domain.errors import NotFound
@@ -46,14 +47,15 @@ _JSON_FIELDS = {"permissions", "logs_permission", "metadata", "inputs", "outputs
 
 async def list_assets(
     runtime: Runtime, table: str, cursor: str | None, limit: int, owner: str | None,
-    extra_sql: str = "", extra_args: tuple[Any, ...] = (),
+    metadata: MetadataFilter, extra_sql: str = "", extra_args: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
+    """A page of `table` in registration order; `extra_sql` numbers its parameters from $6."""
     after = decode_cursor(cursor, 1)
     async with runtime.pool.acquire() as conn:
         rows = await conn.fetch(
             f"SELECT * FROM {table} WHERE position > $1 AND ($2::text IS NULL OR owner = $2) "
-            f"{extra_sql} ORDER BY position LIMIT $3",
-            after[0] if after else 0, owner, limit + 1, *extra_args,
+            f"{MetadataFilter.sql(4)} {extra_sql} ORDER BY position LIMIT $3",
+            after[0] if after else 0, owner, limit + 1, *metadata.args, *extra_args,
         )
     more = len(rows) > limit
     return {"items": [decode_row(dict(r)) for r in rows[:limit]],

@@ -17,6 +17,7 @@ from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_pe
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.files import file_response
+from app.api.filters import MetadataQuery
 from app.api.pagination import MAX_LIMIT
 from app.api.schemas_assets import (
     InputSpecIn,
@@ -102,10 +103,10 @@ async def register_data_manager(
 
 @router.get("/data_managers")
 async def list_data_managers(
-    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await list_assets(runtime, "data_managers", cursor, limit, owner)
+    return await list_assets(runtime, "data_managers", cursor, limit, owner, metadata)
 
 
 @router.get("/data_managers/{key}")
@@ -173,12 +174,12 @@ async def link_data_sample(
 
 @router.get("/data_samples")
 async def list_data_samples(
-    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     data_manager_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await list_assets(runtime, "data_samples", cursor, limit, owner,
-                       "AND ($4::text IS NULL OR data_manager_keys @> ARRAY[$4])",
-                       (data_manager_key,))
+    return await list_assets(runtime, "data_samples", cursor, limit, owner, metadata,
+                             "AND ($6::text IS NULL OR data_manager_keys @> ARRAY[$6])",
+                             (data_manager_key,))
 
 
 @router.get("/data_samples/{key}")
@@ -240,10 +241,10 @@ async def _check_dockerfile_archive(runtime: Runtime, checksum: str) -> None:
 
 @router.get("/functions")
 async def list_functions(
-    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await list_assets(runtime, "functions", cursor, limit, owner)
+    return await list_assets(runtime, "functions", cursor, limit, owner, metadata)
 
 
 @router.get("/functions/{key}")

@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from app.api import compute
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.files import file_response
+from app.api.filters import MetadataFilter, MetadataQuery
 from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
 from app.api.problems import ApiProblem
 from app.api.schemas_assets import (
@@ -78,7 +79,7 @@ async def register_plan(
 
 @router.get("/compute_plans")
 async def list_plans(
-    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     plan_status: Annotated[str | None, Query(alias="status")] = None,
     cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
@@ -87,8 +88,8 @@ async def list_plans(
         rows = await conn.fetch(
             "SELECT * FROM compute_plans WHERE position > $1 "
             "AND ($2::text IS NULL OR owner = $2) AND ($3::text IS NULL OR status = $3) "
-            "ORDER BY position LIMIT $4",
-            after[0] if after else 0, owner, plan_status, limit + 1,
+            f"{MetadataFilter.sql(5)} ORDER BY position LIMIT $4",
+            after[0] if after else 0, owner, plan_status, limit + 1, *metadata.args,
         )
     items = [plan_json(r) | {"metadata": json_value(r["metadata"])} for r in rows[:limit]]
     more = len(rows) > limit
@@ -165,7 +166,7 @@ def _json(body: str, status_code: int = 200) -> Response:
 @router.get("/tasks", response_class=Response, responses={200: {"content": {
     "application/json": {"example": {"items": [], "next_cursor": None}}}}})
 async def list_tasks(
-    _: PrincipalDep, runtime: RuntimeDep,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery,
     compute_plan_key: str | None = None, worker: str | None = None, owner: str | None = None,
     task_status: Annotated[str | None, Query(alias="status")] = None,
     rank: int | None = None, category: str | None = None,
@@ -182,10 +183,10 @@ async def list_tasks(
             "WHERE position > $1 AND ($2::text IS NULL OR compute_plan_key = $2) "
             "AND ($3::text IS NULL OR worker = $3) AND ($4::text IS NULL OR owner = $4) "
             "AND ($5::text IS NULL OR status = $5) AND ($6::int IS NULL OR rank = $6) "
-            "AND ($7::text IS NULL OR category = $7) "
+            f"AND ($7::text IS NULL OR category = $7) {MetadataFilter.sql(9)} "
             "ORDER BY position, key LIMIT $8) t ORDER BY position, key",
             after[0] if after else 0, compute_plan_key, worker, owner, task_status, rank,
-            category, limit + 1,
+            category, limit + 1, *metadata.args,
         )
     more = len(rows) > limit
     next_cursor = json.dumps(encode_cursor([rows[limit - 1]["position"]]) if more else None)

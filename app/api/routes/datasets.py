@@ -19,6 +19,7 @@ from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_pe
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.files import file_response
+from app.api.filters import MetadataQuery
 from app.api.pagination import MAX_LIMIT
 from app.api.problems import ApiProblem
 from app.api.schemas_assets import Metadata, PermissionsIn, Strict
@@ -85,11 +86,12 @@ async def register_dataset(
 
 @router.get("/datasets")
 async def list_datasets(
-    _: PrincipalDep, runtime: RuntimeDep, owner: str | None = None,
+    _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     compute_task_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
 ) -> dict[str, Any]:
-    return await list_assets(runtime, "datasets", cursor, limit, owner,
-                       "AND ($4::text IS NULL OR compute_task_key = $4)", (compute_task_key,))
+    return await list_assets(runtime, "datasets", cursor, limit, owner, metadata,
+                             "AND ($6::text IS NULL OR compute_task_key = $6)",
+                             (compute_task_key,))
 
 
 @router.get("/datasets/{key}")
