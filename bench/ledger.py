@@ -54,6 +54,7 @@ from app.domain.organizations import OrganizationRegistered, TokenIssued  # noqa
 from app.events.canonical import GENESIS_HASH, chain_hash  # noqa: E402
 from app.events.codec import to_new_events  # noqa: E402
 from app.events.entries import AppendRequest, NewEvent, hashed_fields  # noqa: E402
+from app.events.verify import verify_org  # noqa: E402
 from app.runtime import Runtime  # noqa: E402
 
 TARGETS = {
@@ -140,6 +141,16 @@ async def bench_replay(database_url: str, events: int, orgs: int) -> float:
         say(f"replay: reset + catch_up of {applied} events in {elapsed:.2f} s "
             f"= {rate:,.0f} events/s ({tokens} tokens in the view)")
         say(cpu_line(cpu, applied))
+        # `consort verify` on the same ledger: reading it back with hashes, one org at a
+        # time, recomputing every entry's canonical encoding and SHA-256.
+        started = time.perf_counter()
+        async with runtime.pool.acquire() as conn:
+            results = [await verify_org(conn, org) for org in org_ids]
+        elapsed = time.perf_counter() - started
+        checked = sum(r.entries_checked for r in results)
+        if not all(r.ok for r in results) or checked != events:
+            raise RuntimeError(f"verify checked {checked} entries: {results}")
+        say(f"verify: {checked} entries in {elapsed:.2f} s = {checked / elapsed:,.0f} entries/s")
         return rate
     finally:
         await runtime.stop()
