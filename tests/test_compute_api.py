@@ -308,3 +308,30 @@ async def test_seed_permission_table_for_datasets_and_functions(
     assert (opener.status_code == 200) is allowed
     archive = await net.get(org, f"/functions/{private_train}/archive")
     assert archive.status_code == (404 if allowed else 403)  # image reference: no file
+
+
+async def test_failure_report_tells_why_and_keeps_the_log_for_whoever_may_read_logs(
+    net: Network,
+) -> None:
+    k = keys("t1", "t2")
+    await net.post("org-a", "/compute_plans", json={"name": "p", "tasks": [
+        train_task(net, "org-a", k["t1"]), train_task(net, "org-a", k["t2"])]})
+    log = b"epoch 1\nTraceback: out of memory\n"
+    checksum = await upload(net.client, net.tokens["org-a"], log)
+    await net.post("org-a", f"/tasks/{k['t1']}/actions", json={"action": "start"})
+    r = await net.post("org-a", f"/tasks/{k['t1']}/actions", json={
+        "action": "fail", "error_type": "EXECUTION", "message": "exit code 137",
+        "logs_checksum": checksum})
+    assert r.status_code == 200 and r.json()["status"] == "FAILED", r.text
+
+    report = (await net.get("org-a", f"/tasks/{k['t1']}/failure_report")).json()
+    assert report["compute_task_key"] == k["t1"] and report["error_type"] == "EXECUTION"
+    assert report["message"] == "exit code 137" and report["logs_checksum"] == checksum
+    saved = await net.get("org-a", f"/tasks/{k['t1']}/failure_report/logs")
+    assert saved.status_code == 200 and saved.content == log
+    # org-c is not in the data manager's logs permission: neither the report nor its log.
+    for path in ("failure_report", "failure_report/logs"):
+        denied = await net.get("org-c", f"/tasks/{k['t1']}/{path}")
+        assert denied.status_code == 403, path
+    missing = await net.get("org-a", f"/tasks/{k['t2']}/failure_report")
+    assert missing.status_code == 404 and missing.json()["code"] == "no_failure_report"

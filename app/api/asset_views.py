@@ -7,8 +7,9 @@ from typing import Any
 from app.api.filters import MetadataFilter
 from app.api.pagination import decode_cursor, encode_cursor
 from app.api.schemas_assets import PermissionsIn
-from app.domain.errors import NotFound
-from app.domain.permissions import Permissions, permission
+from app.domain.errors import Forbidden, NotFound
+from app.domain.organizations import Principal
+from app.domain.permissions import Permission, Permissions, permission
 from app.projections import queries as q
 from app.projections.queries import json_value
 from app.runtime import Runtime
@@ -21,6 +22,19 @@ async def resolve_permissions(runtime: Runtime, body: PermissionsIn, owner: str)
     download = process if body.download is None else permission(
         body.download.public, body.download.authorized_ids, owner, orgs)
     return Permissions(process, download)
+
+
+async def require_logs_permission(runtime: Runtime, actor: Principal, task_key: str) -> None:
+    """A task's logs, and its failure report which holds them, follow the task's
+    logs_permission (the administrator reads every one)."""
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT logs_permission FROM compute_tasks WHERE key = $1", task_key)
+    if row is None:
+        raise NotFound(f"no compute task {task_key}")
+    perm = Permission.from_json(json_value(row["logs_permission"]))
+    if actor.kind != "admin" and (actor.org is None or not perm.allows(actor.org)):
+        raise Forbidden(f"{actor.org or actor.kind} may not read the logs of {task_key}")
 
 
 async def asset_exists(runtime: Runtime, key: str) -> bool:

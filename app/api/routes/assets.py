@@ -13,12 +13,13 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from app.api import schemas_out as out
 from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_permissions
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
-from app.api.files import file_response
+from app.api.files import Download, binary, file_response
 from app.api.filters import MetadataQuery
-from app.api.pagination import MAX_LIMIT
+from app.api.pagination import MAX_LIMIT, Page
 from app.api.schemas_assets import (
     InputSpecIn,
     Metadata,
@@ -43,7 +44,7 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 
 # --- files ------------------------------------------------------------------------------------
 
-@router.post("/files", status_code=status.HTTP_201_CREATED)
+@router.post("/files", status_code=status.HTTP_201_CREATED, response_model=out.FileRef)
 async def upload_file(
     request: Request, actor: PrincipalDep, runtime: RuntimeDep,
     x_content_sha256: Annotated[str | None, Header()] = None,
@@ -83,7 +84,8 @@ class DataManagerIn(Strict):
     metadata: Metadata = Field(default_factory=dict)
 
 
-@router.post("/data_managers", status_code=status.HTTP_201_CREATED)
+@router.post("/data_managers", status_code=status.HTTP_201_CREATED,
+             response_model=out.DataManager)
 async def register_data_manager(
     body: DataManagerIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -101,7 +103,7 @@ async def register_data_manager(
     return await asset_row(runtime, "data_managers", key)
 
 
-@router.get("/data_managers")
+@router.get("/data_managers", response_model=Page[out.DataManager])
 async def list_data_managers(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
@@ -109,12 +111,13 @@ async def list_data_managers(
     return await list_assets(runtime, "data_managers", cursor, limit, owner, metadata)
 
 
-@router.get("/data_managers/{key}")
+@router.get("/data_managers/{key}", response_model=out.DataManager)
 async def get_data_manager(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await asset_row(runtime, "data_managers", key)
 
 
-@router.get("/data_managers/{key}/opener", response_model=None)
+@router.get("/data_managers/{key}/opener", response_model=None, response_class=Download,
+             responses=binary("The opener (a Python file)"))
 async def download_opener(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> StreamingResponse:
     """The opener, for organizations that may process the data manager."""
     row = await asset_row(runtime, "data_managers", key)
@@ -143,7 +146,8 @@ async def _dm_owners(runtime: Runtime, keys: list[str]) -> dict[str, str | None]
     return {k: found[k].owner if k in found else None for k in keys}
 
 
-@router.post("/data_samples", status_code=status.HTTP_201_CREATED)
+@router.post("/data_samples", status_code=status.HTTP_201_CREATED,
+             response_model=out.DataSample)
 async def register_data_sample(
     body: DataSampleIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -159,7 +163,7 @@ async def register_data_sample(
     return await asset_row(runtime, "data_samples", key)
 
 
-@router.post("/data_samples/{key}/data_managers")
+@router.post("/data_samples/{key}/data_managers", response_model=out.DataSample)
 async def link_data_sample(
     key: str, body: DataSampleLinkIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -172,7 +176,7 @@ async def link_data_sample(
     return await asset_row(runtime, "data_samples", key)
 
 
-@router.get("/data_samples")
+@router.get("/data_samples", response_model=Page[out.DataSample])
 async def list_data_samples(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     data_manager_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
@@ -182,7 +186,7 @@ async def list_data_samples(
                              (data_manager_key,))
 
 
-@router.get("/data_samples/{key}")
+@router.get("/data_samples/{key}", response_model=out.DataSample)
 async def get_data_sample(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await asset_row(runtime, "data_samples", key)
 
@@ -206,7 +210,8 @@ class FunctionIn(Strict):
     metadata: Metadata = Field(default_factory=dict)
 
 
-@router.post("/functions", status_code=status.HTTP_201_CREATED)
+@router.post("/functions", status_code=status.HTTP_201_CREATED,
+             response_model=out.Function)
 async def register_function(
     body: FunctionIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -239,7 +244,7 @@ async def _check_dockerfile_archive(runtime: Runtime, checksum: str) -> None:
                              code="missing_dockerfile")
 
 
-@router.get("/functions")
+@router.get("/functions", response_model=Page[out.Function])
 async def list_functions(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     cursor: str | None = None, limit: Limit = 100,
@@ -247,12 +252,13 @@ async def list_functions(
     return await list_assets(runtime, "functions", cursor, limit, owner, metadata)
 
 
-@router.get("/functions/{key}")
+@router.get("/functions/{key}", response_model=out.Function)
 async def get_function(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await asset_row(runtime, "functions", key)
 
 
-@router.get("/functions/{key}/archive", response_model=None)
+@router.get("/functions/{key}/archive", response_model=None, response_class=Download,
+             responses=binary("The function's archive or image tarball"))
 async def download_function(
     key: str, actor: PrincipalDep, runtime: RuntimeDep
 ) -> StreamingResponse:

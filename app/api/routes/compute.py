@@ -11,10 +11,12 @@ from fastapi import APIRouter, Query, status
 from fastapi.responses import Response, StreamingResponse
 
 from app.api import compute
+from app.api import schemas_out as out
+from app.api.asset_views import require_logs_permission
 from app.api.deps import PrincipalDep, RuntimeDep
-from app.api.files import file_response
+from app.api.files import Download, binary, file_response
 from app.api.filters import MetadataFilter, MetadataQuery
-from app.api.pagination import MAX_LIMIT, decode_cursor, encode_cursor
+from app.api.pagination import MAX_LIMIT, Page, decode_cursor, encode_cursor
 from app.api.problems import ApiProblem
 from app.api.schemas_assets import (
     ComputePlanIn,
@@ -65,7 +67,8 @@ async def _task(runtime: Runtime, key: str) -> dict[str, Any]:
     return task_json(row)
 
 
-@router.post("/compute_plans", status_code=status.HTTP_201_CREATED)
+@router.post("/compute_plans", status_code=status.HTTP_201_CREATED,
+             response_model=out.PlanRegistered)
 async def register_plan(
     body: ComputePlanIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -77,7 +80,7 @@ async def register_plan(
     return {"plan": await _plan(runtime, key), "task_keys": task_keys}
 
 
-@router.get("/compute_plans")
+@router.get("/compute_plans", response_model=Page[out.ComputePlan])
 async def list_plans(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     plan_status: Annotated[str | None, Query(alias="status")] = None,
@@ -97,12 +100,13 @@ async def list_plans(
             "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
 
 
-@router.get("/compute_plans/{key}")
+@router.get("/compute_plans/{key}", response_model=out.ComputePlan)
 async def get_plan(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await _plan(runtime, key)
 
 
-@router.post("/compute_plans/{key}/tasks", status_code=status.HTTP_201_CREATED)
+@router.post("/compute_plans/{key}/tasks", status_code=status.HTTP_201_CREATED,
+             response_model=out.TaskKeys)
 async def add_tasks(
     key: str, body: TaskBatchIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -110,14 +114,14 @@ async def add_tasks(
     return {"task_keys": await compute.add_tasks(runtime, actor, key, body.tasks)}
 
 
-@router.post("/compute_plans/{key}/cancel")
+@router.post("/compute_plans/{key}/cancel", response_model=out.ComputePlan)
 async def cancel_plan(key: str, actor: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     """Cancel the plan and every task of it that is not final yet."""
     await compute.cancel(runtime, actor, key)
     return await _plan(runtime, key)
 
 
-@router.get("/compute_plans/{key}/graph")
+@router.get("/compute_plans/{key}/graph", response_model=out.PlanGraph)
 async def plan_graph(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     """The plan's task graph in one call: nodes and parent → child edges."""
     await _plan(runtime, key)
@@ -137,7 +141,7 @@ async def plan_graph(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str
     return {"nodes": nodes, "edges": edges}
 
 
-@router.get("/compute_plans/{key}/performances")
+@router.get("/compute_plans/{key}/performances", response_model=out.Performances)
 async def plan_performances(
     key: str, _: PrincipalDep, runtime: RuntimeDep, identifier: str | None = None
 ) -> dict[str, Any]:
@@ -163,8 +167,8 @@ def _json(body: str, status_code: int = 200) -> Response:
     return Response(content=body, status_code=status_code, media_type="application/json")
 
 
-@router.get("/tasks", response_class=Response, responses={200: {"content": {
-    "application/json": {"example": {"items": [], "next_cursor": None}}}}})
+# Served as JSON that PostgreSQL builds (see _TASK_DOC): documented, not re-validated.
+@router.get("/tasks", response_class=Response, responses={200: {"model": Page[out.Task]}})
 async def list_tasks(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery,
     compute_plan_key: str | None = None, worker: str | None = None, owner: str | None = None,
@@ -194,7 +198,8 @@ async def list_tasks(
     return _json(f'{{"items":[{items}],"next_cursor":{next_cursor}}}')
 
 
-@router.get("/tasks/{key}", response_class=Response, responses={404: {}})
+@router.get("/tasks/{key}", response_class=Response,
+             responses={200: {"model": out.Task}, 404: {}})
 async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> Response:
     """One task."""
     async with runtime.pool.acquire() as conn:
@@ -204,7 +209,8 @@ async def get_task(key: str, _: PrincipalDep, runtime: RuntimeDep) -> Response:
     return _json(doc)
 
 
-@router.post("/tasks/{key}/actions")
+@router.post("/tasks/{key}/actions", response_model=out.Task,
+             response_model_exclude_unset=True)
 async def task_action(
     key: str, body: TaskActionIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -219,7 +225,7 @@ async def task_action(
     return task
 
 
-@router.post("/tasks/{key}/lease")
+@router.post("/tasks/{key}/lease", response_model=out.LeaseRenewed)
 async def renew_lease(
     key: str, body: LeaseIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -244,7 +250,8 @@ def lease_json(lease: Lease) -> dict[str, Any]:
             "expires_at": lease.expires_at.isoformat()}
 
 
-@router.post("/tasks/{key}/outputs/{identifier}/performance",
+@router.post("/tasks/{key}/outputs/{identifier}/performance", response_model=out.Performance,
+             response_model_exclude_unset=True,
              status_code=status.HTTP_201_CREATED)
 async def register_performance(
     key: str, identifier: str, body: PerformanceIn, actor: PrincipalDep, runtime: RuntimeDep
@@ -254,7 +261,8 @@ async def register_performance(
             "value": body.value}
 
 
-@router.post("/tasks/{key}/outputs/{identifier}/model", status_code=status.HTTP_201_CREATED)
+@router.post("/tasks/{key}/outputs/{identifier}/model", status_code=status.HTTP_201_CREATED,
+             response_model=out.Model)
 async def register_model(
     key: str, identifier: str, body: ModelOutputIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -270,7 +278,39 @@ async def register_model(
     return dict(row) | {"permissions": json_value(row["permissions"])}
 
 
-@router.get("/models/{key}/file", response_model=None)
+@router.get("/tasks/{key}/failure_report", response_model=out.FailureReport)
+async def get_failure_report(key: str, actor: PrincipalDep, runtime: RuntimeDep
+                            ) -> dict[str, Any]:
+    """Why a FAILED task failed: its error type, a message, and the checksum of its log as
+    the runner stored it (download it from .../failure_report/logs)."""
+    await require_logs_permission(runtime, actor, key)
+    return await _failure_report(runtime, key)
+
+
+@router.get("/tasks/{key}/failure_report/logs", response_model=None, response_class=Download,
+             responses=binary("The log kept with the failure report"))
+async def download_failure_logs(key: str, actor: PrincipalDep, runtime: RuntimeDep
+                                ) -> StreamingResponse:
+    """The task's log as kept with its failure report."""
+    await require_logs_permission(runtime, actor, key)
+    report = await _failure_report(runtime, key)
+    if report["logs_checksum"] is None:
+        raise NotFound(f"the failure report of {key} holds no log", code="no_log")
+    return await file_response(runtime.artifacts, report["logs_checksum"], f"{key}.log")
+
+
+async def _failure_report(runtime: Runtime, key: str) -> dict[str, Any]:
+    async with runtime.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT key AS compute_task_key, error_type, logs_checksum, message, created_at "
+            "FROM failure_reports WHERE key = $1", key)
+    if row is None:
+        raise NotFound(f"task {key} has no failure report", code="no_failure_report")
+    return dict(row)
+
+
+@router.get("/models/{key}/file", response_model=None, response_class=Download,
+             responses=binary("The model file"))
 async def download_model(
     key: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
@@ -296,7 +336,7 @@ async def download_model(
     return await file_response(runtime.artifacts, row["checksum"], f"{key}.model")
 
 
-@router.get("/models")
+@router.get("/models", response_model=Page[out.Model])
 async def list_models(
     _: PrincipalDep, runtime: RuntimeDep, compute_task_key: str | None = None,
     owner: str | None = None, cursor: str | None = None, limit: Limit = 100,
@@ -316,7 +356,7 @@ async def list_models(
             "next_cursor": encode_cursor([rows[limit - 1]["position"]]) if more else None}
 
 
-@router.get("/models/{key}")
+@router.get("/models/{key}", response_model=out.Model)
 async def get_model(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     async with runtime.pool.acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM models WHERE key = $1", key)

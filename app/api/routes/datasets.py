@@ -15,12 +15,13 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import Field
 
+from app.api import schemas_out as out
 from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_permissions
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
-from app.api.files import file_response
+from app.api.files import Download, ZipDownload, binary, file_response
 from app.api.filters import MetadataQuery
-from app.api.pagination import MAX_LIMIT
+from app.api.pagination import MAX_LIMIT, Page
 from app.api.problems import ApiProblem
 from app.api.schemas_assets import Metadata, PermissionsIn, Strict
 from app.domain import registration as rules
@@ -69,7 +70,7 @@ async def _files(runtime: Runtime, files: list[DatasetFileIn]) -> list[dict[str,
     return described
 
 
-@router.post("/datasets", status_code=status.HTTP_201_CREATED)
+@router.post("/datasets", status_code=status.HTTP_201_CREATED, response_model=out.Dataset)
 async def register_dataset(
     body: DatasetIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -84,7 +85,7 @@ async def register_dataset(
     return await asset_row(runtime, "datasets", key)
 
 
-@router.get("/datasets")
+@router.get("/datasets", response_model=Page[out.Dataset])
 async def list_datasets(
     _: PrincipalDep, runtime: RuntimeDep, metadata: MetadataQuery, owner: str | None = None,
     compute_task_key: str | None = None, cursor: str | None = None, limit: Limit = 100,
@@ -94,7 +95,7 @@ async def list_datasets(
                              (compute_task_key,))
 
 
-@router.get("/datasets/{key}")
+@router.get("/datasets/{key}", response_model=out.Dataset)
 async def get_dataset(key: str, _: PrincipalDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await asset_row(runtime, "datasets", key)
 
@@ -120,7 +121,8 @@ async def _require_download(
     raise Forbidden(f"{actor.org or actor.kind} may not download dataset {row['key']}")
 
 
-@router.get("/datasets/{key}/files/{path:path}", response_model=None)
+@router.get("/datasets/{key}/files/{path:path}", response_model=None, response_class=Download,
+             responses=binary("One file of the dataset"))
 async def download_dataset_file(
     key: str, path: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
@@ -132,7 +134,8 @@ async def download_dataset_file(
     return await file_response(runtime.artifacts, match["checksum"], Path(path).name)
 
 
-@router.get("/datasets/{key}/zip", response_model=None)
+@router.get("/datasets/{key}/zip", response_model=None, response_class=ZipDownload,
+             responses=binary("The whole dataset as a zip", "application/zip"))
 async def download_dataset_zip(
     key: str, actor: PrincipalDep, runtime: RuntimeDep, for_task: str | None = None,
 ) -> StreamingResponse:
@@ -165,7 +168,8 @@ async def download_dataset_zip(
         "Content-Length": str(await asyncio.to_thread(os.path.getsize, name))})
 
 
-@router.post("/tasks/{key}/outputs/{identifier}/dataset", status_code=status.HTTP_201_CREATED)
+@router.post("/tasks/{key}/outputs/{identifier}/dataset", status_code=status.HTTP_201_CREATED,
+             response_model=out.Dataset)
 async def register_dataset_output(
     key: str, identifier: str, body: DatasetOutputIn, actor: PrincipalDep, runtime: RuntimeDep
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from app.api import schemas_out as out
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.pagination import MAX_LIMIT
 from app.api.problems import ApiProblem
@@ -172,7 +173,7 @@ async def list_org_events(
     return _page(entries, limit, "sequence")
 
 
-@router.get("/{org}/verify")
+@router.get("/{org}/verify", response_model=out.VerifyResult)
 async def verify(org: str, actor: PrincipalDep, runtime: RuntimeDep) -> dict[str, object]:
     """Recompute the org's hash chain; names the first entry that does not fit."""
     require_ledger_reader(actor, org)
