@@ -175,7 +175,8 @@ async def test_async_client_covers_every_endpoint(
     # datasets
     source = tmp_path / "b.txt"
     source.write_bytes(b"beta\n")
-    ds = await a.add_dataset("texts", {"a.txt": b"alpha\n", "dir/b.txt": source},
+    files: dict[str, Path | bytes] = {"a.txt": b"alpha\n", "dir/b.txt": source}
+    ds = await a.add_dataset("texts", files,
                              permissions={"process": {"public": False,
                                                       "authorized_ids": ["org-b"]}})
     assert ds.total_size == 11

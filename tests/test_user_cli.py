@@ -52,7 +52,7 @@ class Cli:
         return result.output
 
     def json(self, *args: str, **env: str) -> Any:
-        return json.loads(self(*args, "--json", **env))
+        return json.loads(self(*args, "--json", code=0, **env))
 
     def subprocess(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSORT_")}
