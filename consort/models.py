@@ -31,8 +31,9 @@ from app.api.schemas_assets import (
 __all__ = [
     "ComputePlan", "ComputePlanIn", "DataManager", "DataManagerIn", "DataSample",
     "DataSampleIn", "Dataset", "DatasetFileIn", "DatasetIn", "DatasetOutputIn", "EventPage",
-    "FileRef", "Function", "FunctionIn", "InputSpecIn", "IssuedToken", "LedgerEvent", "Me",
-    "Model", "Organization", "OrganizationCreated", "OutputSpecIn", "Page", "PermissionIn",
+    "FileRef", "Function", "FunctionIn", "InputSpecIn", "IssuedToken", "LedgerEvent",
+    "LogBytes", "Me", "Model", "Organization", "OrganizationCreated", "OutputSpecIn", "Page",
+    "PermissionIn",
     "PermissionsIn", "Performance", "PlanGraph", "PlanRegistered", "Task", "TaskIn",
     "TaskInputIn", "TaskOutputIn", "TokenInfo", "VerifyResult", "FINAL_TASK_STATUSES",
     "FINAL_PLAN_STATUSES",
@@ -144,6 +145,20 @@ class Model(Row):
     transient: bool
     disabled: bool
     created_at: dt.datetime
+
+
+class LogBytes(BaseModel):
+    """Bytes of a task's log from `offset` on, as the task wrote them (they may start or
+    end inside a multibyte UTF-8 character), and the log's whole size when read."""
+
+    offset: int
+    data: bytes
+    size: int
+
+    @property
+    def next_offset(self) -> int:
+        """Where the next read starts to get what comes after these bytes."""
+        return self.offset + len(self.data)
 
 
 class Performance(Row):
