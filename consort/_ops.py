@@ -7,6 +7,7 @@ key is turned back into the success it was.
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -17,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from app.api.routes.datasets import LOG_SIZE_HEADER
 from consort import models as m
 from consort._protocol import (
     CLOSE_STREAM,
@@ -656,26 +658,50 @@ def append_logs(task_key: str, data: bytes | str) -> Op[None]:
                headers={"Content-Type": "application/octet-stream"})
 
 
-def read_logs(task_key: str, *, head: int | None = None, tail: int | None = None) -> Op[str]:
-    """The task's log, whole or its first/last lines."""
+def read_logs(task_key: str, *, head: int | None = None, tail: int | None = None,
+              offset: int | None = None) -> Op[str]:
+    """The task's log, whole, its first/last lines, or what came after its first `offset`
+    bytes. Text: a multibyte character that an offset cuts becomes U+FFFD; to follow a
+    log, use `follow_logs` (or `read_log_bytes`), which keep every byte."""
     response: httpx.Response = yield Call("GET", f"/tasks/{task_key}/logs",
-                                          _params(head=head, tail=tail))
+                                          _params(head=head, tail=tail, offset=offset))
     return response.text
 
 
-def follow_logs(task_key: str, *, poll: float = 1.0) -> Op[None]:
-    """Emit the log as it grows, until the task is final (then whatever came last)."""
-    sent = 0
+def read_log_bytes(task_key: str, *, offset: int = 0) -> Op[m.LogBytes]:
+    """The log's bytes after its first `offset`, as the task wrote them, and the log's
+    size then: ask again from `offset + len(data)` for what comes next."""
+    response: httpx.Response = yield Call("GET", f"/tasks/{task_key}/logs",
+                                          _params(offset=offset))
+    size = response.headers.get(LOG_SIZE_HEADER)
+    if size is None:
+        # A server from before log offsets ignores the parameter and sends the whole log.
+        return m.LogBytes(offset=offset, data=response.content[offset:],
+                          size=len(response.content))
+    return m.LogBytes(offset=offset, data=response.content, size=int(size))
+
+
+def follow_logs(task_key: str, *, poll: float = 1.0, offset: int = 0) -> Op[None]:
+    """Emit the log as it grows, until the task is final (then whatever came last).
+
+    Each poll asks only for the bytes after those already emitted, and they are decoded
+    as one UTF-8 stream: a character cut between two pieces of output comes out whole,
+    once. `offset` skips that many bytes first (to resume)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     idle = 0
     while True:
+        # The status first: a task final by then wrote all its log before this read.
         task = yield from get_task(task_key)
-        text = yield from read_logs(task_key)
-        if len(text) > sent:
-            yield Emit(text[sent:])
-            sent, idle = len(text), 0
-        else:
-            idle += 1
+        piece = yield from read_log_bytes(task_key, offset=offset)
+        offset = piece.next_offset
+        text = decoder.decode(piece.data)
+        if text:
+            yield Emit(text)
+        idle = 0 if piece.data else idle + 1
         if task.status in m.FINAL_TASK_STATUSES:
+            rest = decoder.decode(b"", final=True)  # a character the log ends inside of
+            if rest:
+                yield Emit(rest)
             return
         yield Sleep(min(poll, backoff(idle, cap=poll)))
 

@@ -159,6 +159,7 @@ class _Api:
     register_dataset_output = _Method(ops.register_dataset_output)
     append_logs = _Method(ops.append_logs)
     read_logs = _Method(ops.read_logs)
+    read_log_bytes = _Method(ops.read_log_bytes)
     follow_logs = _Iterator(ops.follow_logs, str)
     wait_task = _Method(ops.wait_task)
     # models

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from app.api.routes.assets import DataManagerIn, DataSampleIn, FunctionIn
 from app.api.routes.datasets import DatasetFileIn, DatasetIn, DatasetOutputIn
 from app.api.routes.ledger import EventPage, LedgerEvent
@@ -50,7 +52,8 @@ __all__ = [
     "ComputePlan", "ComputePlanIn", "DataManager", "DataManagerIn", "DataSample",
     "DataSampleIn", "Dataset", "DatasetFileIn", "DatasetIn", "DatasetOutputIn", "EventPage",
     "FailureReport", "FileRef", "Function", "FunctionIn", "GraphEdge", "GraphNode",
-    "InputSpecIn", "IssuedToken", "Lease", "LeaseRenewed", "LedgerEvent", "Me", "Model",
+    "InputSpecIn", "IssuedToken", "Lease", "LeaseRenewed", "LedgerEvent", "LogBytes", "Me",
+    "Model",
     "Organization", "OrganizationCreated", "OutputSpecIn", "Page", "PermissionIn",
     "PermissionsIn", "Performance", "PlanGraph", "PlanRegistered", "Row", "Task", "TaskIn",
     "TaskInputIn", "TaskKeys", "TaskOutputIn", "TokenInfo", "VerifyResult",
@@ -60,6 +63,20 @@ __all__ = [
 FINAL_TASK_STATUSES = frozenset({"DONE", "FAILED", "CANCELED"})
 # A FAILED plan can no longer finish (children of a failed task never run).
 FINAL_PLAN_STATUSES = frozenset({"DONE", "FAILED", "CANCELED"})
+
+
+class LogBytes(BaseModel):
+    """Bytes of a task's log from `offset` on, as the task wrote them (they may start or
+    end inside a multibyte UTF-8 character), and the log's whole size when read."""
+
+    offset: int
+    data: bytes
+    size: int
+
+    @property
+    def next_offset(self) -> int:
+        """Where the next read starts to get what comes after these bytes."""
+        return self.offset + len(self.data)
 
 
 class Page(Row):

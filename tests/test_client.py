@@ -181,7 +181,8 @@ async def test_async_client_covers_every_endpoint(
     # datasets
     source = tmp_path / "b.txt"
     source.write_bytes(b"beta\n")
-    ds = await a.add_dataset("texts", {"a.txt": b"alpha\n", "dir/b.txt": source},
+    files: dict[str, Path | bytes] = {"a.txt": b"alpha\n", "dir/b.txt": source}
+    ds = await a.add_dataset("texts", files,
                              permissions={"process": {"public": False,
                                                       "authorized_ids": ["org-b"]}})
     assert ds.total_size == 11
@@ -310,6 +311,82 @@ class LoseResponses(httpx.AsyncBaseTransport):
             self.lost.append(name)
             raise httpx.ReadError("connection reset by peer", request=request)
         return response
+
+
+class RecordLogReads(httpx.AsyncBaseTransport):
+    """The app, recording for each log read the offset asked for and the bytes sent."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, int]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "GET" and request.url.path.endswith("/logs"):
+            body = await response.aread()
+            self.reads.append((int(request.url.params.get("offset", "-1")), len(body)))
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  content=body)
+        return response
+
+
+async def test_follow_logs_emits_each_byte_once_and_stops_when_the_task_is_final(
+    runtime: Runtime, fed: Federation
+) -> None:
+    recorder = RecordLogReads(httpx.ASGITransport(app=create_app(runtime,
+                                                                 manage_runtime=False)))
+    key = str(uuid.uuid4())
+    # The worker's output, cut anywhere: inside "é" (2 bytes) and inside "✓" (3 bytes).
+    pieces = [b"epoch 1 loss=0.9\n", b"epoch 2 caf\xc3", b"\xa9 \xe2\x9c",
+              b"\x93\n" + b"y" * 70_000 + b"\n"]
+    last = b"done\n"
+    whole = b"".join(pieces) + last
+    emitted: list[str] = []
+    async with asgi(runtime, recorder)(fed.tokens["org-a"]) as a:
+        await a.add_compute_plan("follow", [train_task(fed, "org-a", key)])  # type: ignore[arg-type]
+        await a.start_task(key)
+        await a.append_logs(key, pieces[0])
+
+        async def follow() -> None:
+            # The worker appends the next piece each time the follower emits, so every
+            # poll finds at most one new piece; the last one comes with the end.
+            async for text in a.follow_logs(key, poll=0.05):
+                emitted.append(text)
+                if len(emitted) < len(pieces):
+                    await a.append_logs(key, pieces[len(emitted)])
+                elif len(emitted) == len(pieces):
+                    await a.append_logs(key, last)
+                    await a.register_model_output(key, "model", file=b"m")
+                    await a.done_task(key)
+
+        await asyncio.wait_for(follow(), 30)  # ends by itself once the task is DONE
+        assert emitted == ["epoch 1 loss=0.9\n", "epoch 2 caf", "\u00e9 ",
+                           "\u2713\n" + "y" * 70_000 + "\n", "done\n"]
+        assert "".join(emitted).encode() == whole
+        # Each poll asked for what came after the bytes it had: every byte sent once.
+        offsets = [offset for offset, _ in recorder.reads]
+        sizes = [size for _, size in recorder.reads]
+        assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+        assert sum(sizes) == len(whole) and len(recorder.reads) >= len(emitted)
+
+        # reading by hand from an offset
+        assert await a.read_logs(key, offset=len(whole) - 5) == "done\n"
+        piece = await a.read_log_bytes(key, offset=29)  # inside "é"
+        assert piece.data == whole[29:] and piece.data.startswith(b"\xa9")
+        assert piece.size == piece.next_offset == len(whole)
+        with pytest.raises(InvalidRequest) as refused:
+            await a.read_logs(key, offset=1, head=1)
+        assert refused.value.code == "invalid_request"
+
+
+async def test_read_log_bytes_from_a_server_without_offsets_cuts_the_whole_log() -> None:
+    def old_server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="epoch 1\nepoch 2\n")  # no size, offset ignored
+
+    async with AsyncClient("http://old.test", "t",
+                           transport=httpx.MockTransport(old_server)) as client:
+        piece = await client.read_log_bytes("k", offset=8)
+    assert piece.data == b"epoch 2\n" and piece.size == 16
 
 
 async def test_retried_registrations_that_meet_their_own_409_succeed(

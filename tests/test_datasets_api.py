@@ -66,6 +66,113 @@ async def test_task_logs_are_written_by_the_worker_and_read_per_logs_permission(
     assert (await net.get("org-c", f"/tasks/{key}/logs")).status_code == 403
 
 
+async def _running_task(net: Network) -> str:
+    """A task of org-b (data of org-b: logs readable by org-a and org-b), started."""
+    key = str(uuid.uuid4())
+    r = await net.post("org-a", "/compute_plans", json={"name": "p", "tasks": [
+        train_task(net, "org-b", key)]})
+    assert r.status_code == 201, r.text
+    r = await net.post("org-b", f"/tasks/{key}/actions", json={"action": "start"})
+    assert r.status_code == 200, r.text
+    return key
+
+
+async def _append(net: Network, key: str, data: bytes) -> None:
+    r = await net.client.post(f"/tasks/{key}/logs", content=data, headers=net.tokens["org-b"])
+    assert r.status_code == 204, r.text
+
+
+async def _read(net: Network, key: str, org: str = "org-a", **params: int) -> httpx.Response:
+    r = await net.get(org, f"/tasks/{key}/logs", params=params)
+    assert r.status_code == 200, r.text
+    return r
+
+
+# Chunks of different sizes, a multibyte character cut between two of them, and a byte
+# that is not UTF-8 at all: offset reads must hand back the bytes untouched.
+CHUNKS = [b"epoch 1 loss=0.9\n", b"epoch 2 caf\xc3", b"\xa9 \xff\n", b"x" * 5000,
+          b"\n", "epoch 3 \u2713 done\n".encode()]
+WHOLE = b"".join(CHUNKS)
+
+
+async def test_log_read_from_an_offset_returns_only_what_came_after(net: Network) -> None:
+    key = await _running_task(net)
+    for chunk in CHUNKS:
+        await _append(net, key, chunk)
+    boundaries = {0}
+    for chunk in CHUNKS:
+        boundaries.add(max(boundaries) + len(chunk))
+    # every chunk boundary (29 is also inside the two-byte character), inside chunks (the
+    # first chunk read is cut), and past the end
+    offsets = sorted(boundaries | {1, 5, 21, 28, 1000, 4999, len(WHOLE) - 1,
+                                   len(WHOLE) + 1, len(WHOLE) + 10**12})
+    assert 29 in boundaries and WHOLE[28:30] == "\u00e9".encode()
+    for offset in offsets:
+        r = await _read(net, key, offset=offset)
+        assert r.content == WHOLE[offset:], offset
+        assert r.headers["Consort-Log-Size"] == str(len(WHOLE)), offset
+        assert r.headers["content-type"].startswith("text/plain")
+    # without an offset: the whole log, as the bytes it is
+    whole = await _read(net, key)
+    assert whole.content == WHOLE and whole.headers["Consort-Log-Size"] == str(len(WHOLE))
+
+
+async def test_successive_offset_reads_join_up_to_the_whole_log(net: Network) -> None:
+    key = await _running_task(net)
+    empty = await _read(net, key, offset=0)
+    assert empty.content == b"" and empty.headers["Consort-Log-Size"] == "0"
+    got, offset, reads = b"", 0, 0
+    for i, chunk in enumerate(CHUNKS):
+        await _append(net, key, chunk)
+        if i % 2:  # sometimes two appends land between two reads
+            continue
+        r = await _read(net, key, offset=offset)
+        got += r.content
+        offset = int(r.headers["Consort-Log-Size"])
+        reads += 1
+        assert offset == len(got)
+    r = await _read(net, key, offset=offset)
+    got += r.content
+    assert got == WHOLE and reads == 3
+    again = await _read(net, key, offset=len(WHOLE))
+    assert again.content == b"" and again.headers["Consort-Log-Size"] == str(len(WHOLE))
+
+
+async def test_every_log_answer_carries_the_log_size(net: Network) -> None:
+    key = await _running_task(net)
+    assert (await _read(net, key)).headers["Consort-Log-Size"] == "0"
+    for chunk in (b"epoch 1\n", b"epoch 2\n", "epoch 3 \u00e9\n".encode()):
+        await _append(net, key, chunk)
+    size = str(len(b"epoch 1\nepoch 2\n" + "epoch 3 \u00e9\n".encode()))
+    head = await _read(net, key, head=1)
+    tail = await _read(net, key, "org-b", tail=1)
+    assert head.text == "epoch 1\n" and tail.text == "epoch 3 \u00e9\n"
+    assert head.headers["Consort-Log-Size"] == tail.headers["Consort-Log-Size"] == size
+
+
+async def test_log_offset_with_head_or_tail_is_refused(net: Network) -> None:
+    key = await _running_task(net)
+    await _append(net, key, b"epoch 1\n")
+    for params in ({"offset": 0, "head": 1}, {"offset": 3, "tail": 2}):
+        r = await net.get("org-a", f"/tasks/{key}/logs", params=params)
+        assert r.status_code == 400, params
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "invalid_request"
+    r = await net.get("org-a", f"/tasks/{key}/logs", params={"offset": -1})
+    assert r.status_code == 422 and r.json()["code"] == "validation_error"
+
+
+async def test_log_offset_reads_keep_the_logs_permission(net: Network) -> None:
+    key = await _running_task(net)
+    await _append(net, key, b"epoch 1\n")
+    assert (await _read(net, key, "org-b", offset=2)).content == b"och 1\n"
+    denied = await net.get("org-c", f"/tasks/{key}/logs", params={"offset": 2})
+    assert denied.status_code == 403 and denied.json()["code"] == "forbidden"
+    assert "Consort-Log-Size" not in denied.headers
+    missing = await net.get("org-a", f"/tasks/{uuid.uuid4()}/logs", params={"offset": 0})
+    assert missing.status_code == 404
+
+
 async def test_task_dataset_output(client: httpx.AsyncClient, runtime: Runtime) -> None:
     tok = bearer(await register_org(client, "org-a"))
     r = await client.post("/functions", headers=tok, json={

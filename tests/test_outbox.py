@@ -394,7 +394,7 @@ async def _tracked(database_url: str, config: OutboxConfig, position: int) -> bo
         )
     finally:
         await conn.close()
-    return value == position
+    return bool(value == position)
 
 
 def _negate(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:

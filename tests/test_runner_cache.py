@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from pathlib import Path
 
@@ -36,7 +37,7 @@ async def test_least_recently_used_entry_is_evicted_past_the_budget(tmp_path: Pa
     for n in range(3):
         data = content(n)
         keys.append(hashlib.sha256(data).hexdigest())
-        await cache.get(keys[-1], lambda d, data=data: fetcher(calls, data, d))
+        await cache.get(keys[-1], functools.partial(fetcher, calls, data))
         if n == 1:
             await cache.get(keys[0], lambda d: fetcher(calls, content(0), d))  # 0 used again
     assert not cache.path(keys[1]).exists()  # the least recently used went

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ from consort import AsyncClient, Client, NotFound
 from consort.cli import app
 from tests.conftest import ADMIN_TOKEN
 from tests.test_audit_api import server
-from tests.test_client import Federation, federation
+from tests.test_client import Federation, dockerfile_archive, federation
+from tests.test_compute_api import train_task
 
 __all__ = ["server"]
 
@@ -52,7 +55,7 @@ class Cli:
         return result.output
 
     def json(self, *args: str, **env: str) -> Any:
-        return json.loads(self(*args, "--json", **env))
+        return json.loads(self(*args, "--json", code=0, **env))
 
     def subprocess(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSORT_")}
@@ -214,6 +217,68 @@ async def test_user_commands_against_a_real_server(
 ) -> None:
     fed = await federation(lambda token: AsyncClient(server, token))
     await asyncio.wait_for(asyncio.to_thread(scenario, server, fed, tmp_path), 300)
+
+
+def downloads(url: str, fed: Federation, tmp: Path) -> None:
+    """What the organizations registered, downloaded back with the CLI as org-a."""
+    with Client(url, fed.tokens["org-a"]) as a:
+        task_key = str(uuid.uuid4())
+        a.add_compute_plan("one", [train_task(fed, "org-a", task_key)])  # type: ignore[arg-type]
+        a.start_task(task_key)
+        model = a.register_model_output(task_key, "model", file=b"weights of a")
+        a.done_task(task_key)
+        archive = dockerfile_archive()
+        function = a.add_function("built", image_source="DOCKERFILE_ARCHIVE",
+                                  image_file=archive, command=["true"])
+        dataset = a.add_dataset("texts", {"a.txt": b"alpha\n", "dir/b.txt": b"beta\n"})
+    cli = Cli(url, tmp)
+    cli.env.update(CONSORT_URL=url, CONSORT_TOKEN=fed.tokens["org-a"])
+    into = tmp / "downloads"
+    into.mkdir()
+
+    # each kind, to a file or into a directory under the name the API gives it
+    assert "Saved" in cli("model", "download", model.key, "-o", str(tmp / "m.bin"))
+    assert (tmp / "m.bin").read_bytes() == b"weights of a"
+    cli("model", "download", model.key, "-o", str(into))
+    assert (into / f"{model.key}.model").read_bytes() == b"weights of a"
+    assert [m["key"] for m in cli.json("model", "list")] == [model.key]
+    cli("data-manager", "download", fed.dm["org-a"], "--output", str(into))
+    assert (into / "opener.py").read_text() == "# org-a\n"
+    cli("function", "download", function.key, "-o", str(tmp / "fn.tar.gz"))
+    assert (tmp / "fn.tar.gz").read_bytes() == archive
+    cli("dataset", "download", dataset.key, "-o", str(into))
+    with zipfile.ZipFile(into / f"{dataset.key}.zip") as zipped:
+        assert zipped.read("dir/b.txt") == b"beta\n"
+    cli("dataset", "download", dataset.key, "--file", "dir/b.txt", "-o", str(into))
+    assert (into / "b.txt").read_bytes() == b"beta\n"
+
+    # an existing file is kept unless --force
+    (tmp / "m.bin").write_bytes(b"mine")
+    refused = cli("model", "download", model.key, "-o", str(tmp / "m.bin"), code=1)
+    assert "exists" in refused and "--force" in refused
+    assert (tmp / "m.bin").read_bytes() == b"mine"
+    assert "exists" in cli("data-manager", "download", fed.dm["org-a"], "-o", str(into),
+                           code=1)
+    cli("model", "download", model.key, "-o", str(tmp / "m.bin"), "--force")
+    assert (tmp / "m.bin").read_bytes() == b"weights of a"
+
+    # the API's refusals: the problem's code and message, exit 1, no file left behind
+    missing = cli("model", "download", "no-such-model", "-o", str(tmp / "none"), code=1)
+    assert "not_found" in missing and "no model no-such-model" in missing
+    denied = cli("data-manager", "download", fed.dm["org-a"], "-o", str(tmp / "c.py"),
+                 code=1, CONSORT_TOKEN=fed.tokens["org-c"])
+    assert "forbidden" in denied and "org-c may not" in denied
+    denied = cli("dataset", "download", dataset.key, "-o", str(tmp / "c.zip"), code=1,
+                 CONSORT_TOKEN=fed.tokens["org-c"])
+    assert "forbidden" in denied
+    assert sorted(p.name for p in tmp.iterdir() if p.is_file()) == ["fn.tar.gz", "m.bin"]
+
+
+async def test_download_commands_write_files_and_refuse_to_overwrite(
+    runtime: Runtime, server: str, tmp_path: Path
+) -> None:
+    fed = await federation(lambda token: AsyncClient(server, token))
+    await asyncio.wait_for(asyncio.to_thread(downloads, server, fed, tmp_path), 120)
 
 
 def test_server_commands_are_still_there() -> None:

@@ -1,4 +1,9 @@
-"""`consort function|data-manager|sample|dataset`: register and read assets."""
+"""`consort function|data-manager|sample|dataset|model`: register, read and download assets.
+
+Downloads stream to a `.part` file beside the target and rename it into place when
+complete (the client does it), so a failed download leaves nothing behind; an existing
+file is only replaced with `--force`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 
 from app.storage.checksums import sample_checksum
+from consort._protocol import Progress
 from consort.cli._common import (
     JsonOption,
     client,
@@ -32,6 +38,10 @@ PublicOption = Annotated[bool, typer.Option("--public", help="Anyone may process
 AuthorizedOption = Annotated[list[str], typer.Option(
     "--authorized", help="Organizations that may process it (repeatable or comma-separated)")]
 MetadataOption = Annotated[list[str], typer.Option("--metadata", help="KEY=VALUE (repeatable)")]
+OutputOption = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="File to write, or a directory to write it in under the name the "
+                           "API gives it (default: that name, here)")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing file.")]
 SKIPPED = {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache"}
 
 
@@ -52,6 +62,24 @@ def _reader(
     def show(key: str, as_json: JsonOption = False) -> None:
         with client() as api:
             show_one(get(api, key), as_json)
+
+
+def _target(output: Path | None, name: str, force: bool) -> Path:
+    """Where a download goes; refused up front when a file is there and --force is not
+    given (before anything is fetched, so nothing is downloaded for nothing)."""
+    target = output if output is not None else Path(name)
+    if target.is_dir():
+        target = target / name
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists: give --force to replace it")
+    return target
+
+
+def _download(what: str, target: Path,
+              fetch: Callable[[Client, Path, Progress], Path]) -> None:
+    with client() as api, transfer(f"downloading {what}") as progress:
+        fetch(api, target, progress)
+    out.print(f"Saved {target}", markup=False)
 
 
 # --- functions -----------------------------------------------------------------------------
@@ -160,6 +188,17 @@ _reader(function, ["key", "name", "owner", "image_source", "image", "created_at"
         lambda api: api.iter_functions(), lambda api, key: api.get_function(key), "function")
 
 
+@function.command("download")
+@handled
+def function_download(key: str, output: OutputOption = None, force: ForceOption = False
+                      ) -> None:
+    """Download a function's image archive (a Dockerfile archive or `docker save` tarball;
+    none for a function given by image reference)."""
+    _download("the function archive", _target(output, f"{key}.tar", force),
+              lambda api, dest, progress: api.download_function_archive(
+                  key, dest, on_progress=progress))
+
+
 # --- data managers and samples -----------------------------------------------------------
 
 data_manager = typer.Typer(help="Data managers: an opener and who may use the data.",
@@ -190,6 +229,16 @@ def data_manager_add(
 _reader(data_manager, ["key", "name", "owner", "opener_checksum", "created_at"],
         lambda api: api.iter_data_managers(), lambda api, key: api.get_data_manager(key),
         "data manager")
+
+
+@data_manager.command("download")
+@handled
+def data_manager_download(key: str, output: OutputOption = None, force: ForceOption = False
+                          ) -> None:
+    """Download a data manager's opener."""
+    _download("the opener", _target(output, "opener.py", force),
+              lambda api, dest, progress: api.download_opener(key, dest, on_progress=progress))
+
 
 sample = typer.Typer(help="Data samples: registered by location; the bytes stay with you.",
                      no_args_is_help=True)
@@ -263,16 +312,46 @@ def dataset_add(
 @handled
 def dataset_download(
     key: str,
-    dest: Annotated[Path, typer.Argument(help="Where to write the zip")],
+    dest: Annotated[Path | None, typer.Argument(help="Same as -o", show_default=False)] = None,
+    output: OutputOption = None,
+    file: Annotated[str | None, typer.Option(
+        "--file", help="Only this file of the dataset (its path in the dataset)")] = None,
+    force: ForceOption = False,
 ) -> None:
-    """Download a whole dataset as a zip."""
-    with client() as api, transfer("downloading") as progress:
-        api.download_dataset_zip(key, dest, on_progress=progress)
-    out.print(f"Saved {dest}", markup=False)
+    """Download a whole dataset as a zip (its tree preserved), or one of its files."""
+    if dest is not None and output is not None and dest != output:
+        raise typer.BadParameter("give the destination once: DEST or -o")
+    chosen = output if output is not None else dest
+    if file is None:
+        _download("the dataset", _target(chosen, f"{key}.zip", force),
+                  lambda api, path, progress: api.download_dataset_zip(
+                      key, path, on_progress=progress))
+        return
+    path_in_dataset = file
+    _download(path_in_dataset, _target(chosen, Path(path_in_dataset).name, force),
+              lambda api, path, progress: api.download_dataset_file(
+                  key, path_in_dataset, path, on_progress=progress))
 
 
 _reader(dataset, ["key", "name", "owner", "total_size", "created_at"],
         lambda api: api.iter_datasets(), lambda api, key: api.get_dataset(key), "dataset")
+
+
+# --- models ------------------------------------------------------------------------------
+
+model = typer.Typer(help="Models: what training and aggregation tasks produce.",
+                    no_args_is_help=True)
+_reader(model, ["key", "compute_task_key", "identifier", "owner", "size", "created_at"],
+        lambda api: api.iter_models(), lambda api, key: api.get_model(key), "model")
+
+
+@model.command("download")
+@handled
+def model_download(key: str, output: OutputOption = None, force: ForceOption = False) -> None:
+    """Download a model file (process permission, and the worker's export setting unless
+    the model is yours)."""
+    _download("the model", _target(output, f"{key}.model", force),
+              lambda api, dest, progress: api.download_model(key, dest, on_progress=progress))
 
 
 def install(app: typer.Typer) -> None:
@@ -280,3 +359,4 @@ def install(app: typer.Typer) -> None:
     app.add_typer(data_manager, name="data-manager")
     app.add_typer(sample, name="sample")
     app.add_typer(dataset, name="dataset")
+    app.add_typer(model, name="model")

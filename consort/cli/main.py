@@ -1,8 +1,8 @@
 """The `consort` command: the server commands of `app.cli` plus the user commands.
 
 `serve`, `replay` and `verify` (and whatever else `app.cli` registers) run the server
-side; `login`, `org`, `token`, `function`, `data-manager`, `sample`, `dataset`, `plan`,
-`task` and `ledger` talk to an API with a saved profile.
+side; `login`, `org`, `token`, `function`, `data-manager`, `sample`, `dataset`, `model`,
+`plan`, `task` and `ledger` talk to an API with a saved profile.
 """
 
 from __future__ import annotations

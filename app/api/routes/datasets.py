@@ -16,7 +16,13 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import Field
 
 from app.api import schemas_out as out
-from app.api.asset_views import asset_exists, asset_row, list_assets, resolve_permissions
+from app.api.asset_views import (
+    asset_exists,
+    asset_row,
+    list_assets,
+    require_logs_permission,
+    resolve_permissions,
+)
 from app.api.compute import acting_org
 from app.api.deps import PrincipalDep, RuntimeDep
 from app.api.files import Download, ZipDownload, binary, file_response
@@ -38,6 +44,8 @@ from app.storage.artifacts import FilesystemArtifactStore
 router = APIRouter(tags=["datasets"])
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 LOG_CHUNK_MAX = 1024 * 1024
+LOG_SIZE_HEADER = "Consort-Log-Size"
+LOG_OFFSET_MAX = 2**63 - 1  # PostgreSQL's bigint
 
 
 class DatasetFileIn(Strict):
@@ -220,27 +228,43 @@ async def append_logs(key: str, request: Request, actor: PrincipalDep,
         await runtime.logs.append(key, bytes(data))
 
 
-@router.get("/tasks/{key}/logs", response_class=PlainTextResponse)
+@router.get("/tasks/{key}/logs", response_class=PlainTextResponse, responses={200: {
+    "description": "The log, or the part of it asked for",
+    "headers": {LOG_SIZE_HEADER: {"description": "The whole log's size in bytes when it was "
+                                  "read: the offset to ask for next",
+                                  "schema": {"type": "integer"}}}}})
 async def read_logs(
     key: str, actor: PrincipalDep, runtime: RuntimeDep,
-    head: Annotated[int | None, Query(ge=1)] = None,
-    tail: Annotated[int | None, Query(ge=1)] = None,
+    head: Annotated[int | None, Query(ge=1, description="The first lines only")] = None,
+    tail: Annotated[int | None, Query(ge=1, description="The last lines only")] = None,
+    offset: Annotated[int | None, Query(
+        ge=0, le=LOG_OFFSET_MAX,
+        description=f"Only the bytes after the first `offset` (the {LOG_SIZE_HEADER} of "
+                    "the previous read, to follow the log)")] = None,
 ) -> PlainTextResponse:
-    """The task's log (stdout and stderr), whole or its first/last lines; readable live."""
-    async with runtime.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT worker, logs_permission FROM compute_tasks WHERE key = $1", key)
-    if row is None:
-        raise NotFound(f"no compute task {key}")
-    perm = Permission.from_json(q.json_value(row["logs_permission"]))
-    if actor.kind not in ("admin",) and (actor.org is None or not perm.allows(actor.org)):
-        raise Forbidden(f"{actor.org or actor.kind} may not read the logs of {key}")
+    """The task's log (stdout and stderr), whole, its first/last lines, or the bytes after
+    an offset; readable live. Every answer carries the log's size so far in bytes in the
+    `Consort-Log-Size` header.
+
+    The whole log and offset reads are the bytes as the task wrote them: a read may start
+    or end inside a multibyte UTF-8 character (the worker ships output in pieces cut
+    anywhere), so a follower keeps the bytes and decodes them as a stream. `head` and
+    `tail` decode the log (bytes that are not UTF-8 become U+FFFD) and cut whole lines.
+    """
+    await require_logs_permission(runtime, actor, key)
     if head is not None and tail is not None:
         raise InvalidCommand("ask for head or tail, not both", code="invalid_request")
-    text = (await runtime.logs.read(key)).decode("utf-8", errors="replace")
-    lines = text.splitlines(keepends=True)
+    if offset is not None and (head is not None or tail is not None):
+        # An offset counts bytes, head and tail count lines: together they mean nothing.
+        raise InvalidCommand("ask for an offset or for head/tail lines, not both",
+                             code="invalid_request")
+    log = await runtime.logs.read(key, offset or 0)
+    size = {LOG_SIZE_HEADER: str(log.size)}
+    if head is None and tail is None:
+        return PlainTextResponse(log.data, headers=size)
+    lines = log.data.decode("utf-8", errors="replace").splitlines(keepends=True)
     if head is not None:
         lines = lines[:head]
     elif tail is not None:
         lines = lines[-tail:]
-    return PlainTextResponse("".join(lines))
+    return PlainTextResponse("".join(lines), headers=size)
