@@ -752,6 +752,17 @@ def get_model(key: str) -> Op[m.Model]:
     return _get(m.Model, f"/models/{key}")
 
 
+def get_failure_report(task_key: str) -> Op[m.FailureReport]:
+    """Why a FAILED task failed (readable by whoever may read the task's logs)."""
+    return _get(m.FailureReport, f"/tasks/{task_key}/failure_report")
+
+
+def download_failure_logs(task_key: str, dest: Path | str, *,
+                          on_progress: Progress | None = None) -> Op[Path]:
+    """Save the log kept with a task's failure report."""
+    return _download(f"/tasks/{task_key}/failure_report/logs", dest, on_progress)
+
+
 def download_model(key: str, dest: Path | str, *,
                    on_progress: Progress | None = None) -> Op[Path]:
     """Save a model file (needs process permission and the worker's export setting)."""

@@ -162,6 +162,8 @@ class _Api:
     read_log_bytes = _Method(ops.read_log_bytes)
     follow_logs = _Iterator(ops.follow_logs, str)
     wait_task = _Method(ops.wait_task)
+    get_failure_report = _Method(ops.get_failure_report)
+    download_failure_logs = _Method(ops.download_failure_logs)
     # models
     iter_models = _Iterator(ops.iter_models, m.Model)
     get_model = _Method(ops.get_model)

@@ -194,6 +194,11 @@ def scenario(url: str, fed: Federation, tmp: Path) -> None:
     assert cli("task", "logs", first) == "training 0\n"
     assert cli("task", "logs", first, "-f") == "training 0\n"
     assert len(cli.json("task", "list", "--status", "DONE", "--limit", "2")) == 2
+    assert [t["rank"] for t in cli.json("task", "list", "--where", "name=second")] == [1]
+    assert len(cli.json("task", "list", "--where", "name", "--plan", plan_key)) == 3
+    assert cli.json("plan", "list", "--where", "study") == []
+    assert cli.json("data-manager", "list", "--where", "ward=7") == []
+    assert cli.json("data-manager", "list")  # the same list, unfiltered, is not empty
 
     # a second run of the same file is refused: task keys derive from the plan key
     again = cli("plan", "run", str(plan_file), "--no-wait", code=1)
@@ -272,6 +277,30 @@ def downloads(url: str, fed: Federation, tmp: Path) -> None:
                  CONSORT_TOKEN=fed.tokens["org-c"])
     assert "forbidden" in denied
     assert sorted(p.name for p in tmp.iterdir() if p.is_file()) == ["fn.tar.gz", "m.bin"]
+
+
+def failure(url: str, fed: Federation, tmp: Path) -> None:
+    with Client(url, fed.tokens["org-a"]) as a:
+        key = str(uuid.uuid4())
+        a.add_compute_plan("failing", [train_task(fed, "org-a", key)])  # type: ignore[arg-type]
+        a.start_task(key)
+        log = a.upload_file(b"epoch 1\nTraceback: boom\n")
+        a.fail_task(key, message="exit code 1", logs_checksum=log.checksum)
+        assert a.get_failure_report(key).logs_checksum == log.checksum
+    cli = Cli(url, tmp)
+    cli.env.update(CONSORT_URL=url, CONSORT_TOKEN=fed.tokens["org-a"])
+    report = cli.json("task", "failure", key)
+    assert report["error_type"] == "EXECUTION" and report["message"] == "exit code 1"
+    assert cli("task", "failure", key, "--logs") == "epoch 1\nTraceback: boom\n"
+    denied = cli("task", "failure", key, code=1, CONSORT_TOKEN=fed.tokens["org-c"])
+    assert "forbidden" in denied
+
+
+async def test_task_failure_shows_the_report_and_its_log(
+    runtime: Runtime, server: str, tmp_path: Path
+) -> None:
+    fed = await federation(lambda token: AsyncClient(server, token))
+    await asyncio.wait_for(asyncio.to_thread(failure, server, fed, tmp_path), 120)
 
 
 async def test_download_commands_write_files_and_refuse_to_overwrite(

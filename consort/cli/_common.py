@@ -154,6 +154,22 @@ def parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
     return pairs
 
 
+WhereOption = Annotated[list[str], typer.Option(
+    "--where", help="KEY=VALUE (metadata has that value) or KEY (metadata has that key); "
+                    "repeat to require all")]
+
+
+def parse_where(values: Sequence[str]) -> dict[str, str | None] | None:
+    """--where options into the client's metadata filter."""
+    where: dict[str, str | None] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not name:
+            raise typer.BadParameter(f"--where must look like KEY=VALUE or KEY, not {value!r}")
+        where[name] = rest if sep else None
+    return where or None
+
+
 def permissions(public: bool, authorized: Sequence[str]) -> dict[str, Any] | None:
     """The process permission from --public / --authorized options (None: server default)."""
     if not public and not authorized:

@@ -19,13 +19,16 @@ import yaml
 from pydantic import BaseModel
 
 from app.storage.checksums import sample_checksum
+from consort._ops import MetadataFilter
 from consort._protocol import Progress
 from consort.cli._common import (
     JsonOption,
+    WhereOption,
     client,
     handled,
     out,
     parse_pairs,
+    parse_where,
     permissions,
     print_json,
     show_one,
@@ -46,16 +49,17 @@ SKIPPED = {".git", "__pycache__", ".venv", ".mypy_cache", ".pytest_cache"}
 
 
 def _reader(
-    group: typer.Typer, columns: list[str], iterate: Callable[[Client], Iterator[BaseModel]],
+    group: typer.Typer, columns: list[str],
+    iterate: Callable[[Client, MetadataFilter | None], Iterator[BaseModel]],
     get: Callable[[Client, str], BaseModel], what: str,
 ) -> None:
-    """`list` and `show KEY` for one kind of asset."""
+    """`list [--where ...]` and `show KEY` for one kind of asset."""
 
-    @group.command("list", help=f"Every {what} visible to you.")
+    @group.command("list", help=f"Every {what} visible to you (filtered by metadata).")
     @handled
-    def list_(as_json: JsonOption = False) -> None:
+    def list_(where: WhereOption = [], as_json: JsonOption = False) -> None:  # noqa: B006
         with client() as api:
-            show_rows(iterate(api), columns, as_json)
+            show_rows(iterate(api, parse_where(where)), columns, as_json)
 
     @group.command("show", help=f"One {what}.")
     @handled
@@ -185,7 +189,8 @@ def _registered(asset: Any, what: str, as_json: bool) -> None:
 
 
 _reader(function, ["key", "name", "owner", "image_source", "image", "created_at"],
-        lambda api: api.iter_functions(), lambda api, key: api.get_function(key), "function")
+        lambda api, where: api.iter_functions(metadata=where),
+        lambda api, key: api.get_function(key), "function")
 
 
 @function.command("download")
@@ -227,7 +232,8 @@ def data_manager_add(
 
 
 _reader(data_manager, ["key", "name", "owner", "opener_checksum", "created_at"],
-        lambda api: api.iter_data_managers(), lambda api, key: api.get_data_manager(key),
+        lambda api, where: api.iter_data_managers(metadata=where),
+        lambda api, key: api.get_data_manager(key),
         "data manager")
 
 
@@ -270,7 +276,8 @@ def sample_add(
 
 
 _reader(sample, ["key", "owner", "data_manager_keys", "location", "created_at"],
-        lambda api: api.iter_data_samples(), lambda api, key: api.get_data_sample(key),
+        lambda api, where: api.iter_data_samples(metadata=where),
+        lambda api, key: api.get_data_sample(key),
         "data sample")
 
 # --- datasets ----------------------------------------------------------------------------
@@ -334,15 +341,37 @@ def dataset_download(
 
 
 _reader(dataset, ["key", "name", "owner", "total_size", "created_at"],
-        lambda api: api.iter_datasets(), lambda api, key: api.get_dataset(key), "dataset")
+        lambda api, where: api.iter_datasets(metadata=where),
+        lambda api, key: api.get_dataset(key), "dataset")
 
 
 # --- models ------------------------------------------------------------------------------
 
 model = typer.Typer(help="Models: what training and aggregation tasks produce.",
                     no_args_is_help=True)
-_reader(model, ["key", "compute_task_key", "identifier", "owner", "size", "created_at"],
-        lambda api: api.iter_models(), lambda api, key: api.get_model(key), "model")
+MODEL_COLUMNS = ["key", "compute_task_key", "identifier", "owner", "size", "disabled",
+                 "created_at"]
+
+
+@model.command("list")
+@handled
+def model_list(
+    task_key: Annotated[str | None, typer.Option("--task", help="Produced by this task")] = None,
+    owner: Annotated[str | None, typer.Option("--owner", help="Its worker")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Models, oldest first (models carry no metadata: filter by task or worker)."""
+    with client() as api:
+        show_rows(api.iter_models(compute_task_key=task_key, owner=owner), MODEL_COLUMNS,
+                  as_json)
+
+
+@model.command("show")
+@handled
+def model_show(key: str, as_json: JsonOption = False) -> None:
+    """One model."""
+    with client() as api:
+        show_one(api.get_model(key), as_json)
 
 
 @model.command("download")

@@ -24,6 +24,7 @@ A plan file (plan.yaml):
 from __future__ import annotations
 
 import collections
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,11 +38,13 @@ from rich.tree import Tree
 from consort import models as m
 from consort.cli._common import (
     JsonOption,
+    WhereOption,
     client,
     counting,
     err,
     handled,
     out,
+    parse_where,
     print_json,
     show_one,
     show_rows,
@@ -184,11 +187,13 @@ def _report(final: m.ComputePlan, as_json: bool, waited: bool) -> None:
 def plan_list(
     owner: Annotated[str | None, typer.Option("--owner")] = None,
     status: Annotated[str | None, typer.Option("--status")] = None,
+    where: WhereOption = [],  # noqa: B006
     as_json: JsonOption = False,
 ) -> None:
     """Compute plans, oldest first."""
     with client() as api:
-        show_rows(api.iter_compute_plans(owner=owner, status=status),
+        show_rows(api.iter_compute_plans(owner=owner, status=status,
+                                         metadata=parse_where(where)),
                   ["key", "name", "owner", "status", "task_count", "created_at"], as_json)
 
 
@@ -271,12 +276,13 @@ def task_list(
     status: Annotated[str | None, typer.Option("--status")] = None,
     rank: Annotated[int | None, typer.Option("--rank")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    where: WhereOption = [],  # noqa: B006
     as_json: JsonOption = False,
 ) -> None:
     """Tasks in registration order, filtered."""
     with client() as api:
         rows = api.iter_tasks(compute_plan_key=plan_key, worker=worker, status=status,
-                              rank=rank)
+                              rank=rank, metadata=parse_where(where))
         if limit is not None:
             rows = (t for _, t in zip(range(limit), rows, strict=False))
         show_rows(rows, TASK_COLUMNS, as_json)
@@ -288,6 +294,24 @@ def task_show(key: str, as_json: JsonOption = False) -> None:
     """One task."""
     with client() as api:
         show_one(api.get_task(key), as_json)
+
+
+@task.command("failure")
+@handled
+def task_failure(
+    key: str,
+    logs: Annotated[bool, typer.Option("--logs", help="Print the log kept with it")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a FAILED task failed: error type, message, and the log the runner kept."""
+    with client() as api:
+        report = api.get_failure_report(key)
+        if not logs:
+            show_one(report, as_json)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            saved = api.download_failure_logs(key, Path(folder) / "log")
+            print(saved.read_text(errors="replace"), end="")
 
 
 @task.command("logs")
