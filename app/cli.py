@@ -219,7 +219,9 @@ async def _local_runners(
     out.print(f"Runners: {choice.backend.name} backend ({choice.reason}); one per organization"
               f" ({settings.local_runners})", markup=False)
     local = LocalRunners(runtime, f"http://{_browsable(host)}:{port}", nats_url,
-                         settings.home, choice.backend, setting=settings.local_runners)
+                         settings.home, choice.backend, setting=settings.local_runners,
+                         housekeeping_s=settings.runner_housekeeping_s,
+                         max_images=settings.runner_max_images)
     local.start()
     return local
 
@@ -445,6 +447,12 @@ def runner_command(
     memory_mb: int | None = typer.Option(None, "--memory-mb", help="Memory limit per task."),
     lease_s: float = typer.Option(
         30.0, "--lease-seconds", help="How long a task stays ours without a renewal."),
+    housekeeping_s: float = typer.Option(
+        30.0, "--housekeeping-seconds", envvar="CONSORT_RUNNER_HOUSEKEEPING_SECONDS", min=0,
+        help="Seconds between sweeps for what killed runners left (0: none)."),
+    max_images: int = typer.Option(
+        20, "--max-images", envvar="CONSORT_RUNNER_MAX_IMAGES", min=0,
+        help="Prepared function images kept, least recently used removed (0: no bound)."),
     tasks_stream: str = typer.Option("CONSORT_TASKS", "--tasks-stream", hidden=True),
     tasks_prefix: str = typer.Option("consort.tasks", "--tasks-subject-prefix", hidden=True),
 ) -> None:
@@ -465,7 +473,8 @@ def runner_command(
         api_url=api_url, token=token, org=org, nats_url=url,
         home=settings.home / "runner" / org, concurrency=concurrency, task_timeout_s=timeout,
         cpus=cpus, memory_bytes=memory_mb * 1024**2 if memory_mb else None, lease_s=lease_s,
-        heartbeat_s=min(2.0, lease_s / 3),
+        heartbeat_s=min(2.0, lease_s / 3), housekeeping_s=housekeeping_s,
+        max_images=max_images,
         dispatch=DispatchConfig(stream=tasks_stream, subject_prefix=tasks_prefix))
     out.print(f"Runner {config.runner_id} for {org}: {choice.backend.name} backend "
               f"({choice.reason}), {concurrency} task(s) at a time. Ctrl-C stops it.",

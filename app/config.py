@@ -24,6 +24,10 @@ class Settings:
     local_runners: str = "all"
     # "docker" or "subprocess"; None: docker when an engine answers, else subprocess.
     runner_backend: str | None = None
+    # Runners' housekeeping (runner/housekeeping.py): seconds between sweeps (0: none),
+    # prepared function images kept per engine (0: no bound).
+    runner_housekeeping_s: float = 30.0
+    runner_max_images: int = 20
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -37,4 +41,7 @@ class Settings:
             port=int(os.environ.get("CONSORT_PORT", "8000")),
             local_runners=os.environ.get("CONSORT_LOCAL_RUNNERS", "all"),
             runner_backend=os.environ.get("CONSORT_RUNNER_BACKEND") or None,
+            runner_housekeeping_s=float(
+                os.environ.get("CONSORT_RUNNER_HOUSEKEEPING_SECONDS") or 30.0),
+            runner_max_images=int(os.environ.get("CONSORT_RUNNER_MAX_IMAGES") or 20),
         )

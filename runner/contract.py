@@ -17,7 +17,12 @@ What every backend honours (SPEC "Execution"):
 - the function's command, entrypoint and environment; no network unless asked; CPU and
   memory limits and GPUs when asked; a timeout; a non-root user where possible;
 - stdout and stderr go to `on_log` in order while the process runs; setting `cancel`
-  stops it within 5 s; nothing of the run is left behind (the container is removed).
+  stops it within 5 s; nothing of the run is left behind (the container is removed);
+- what an image preparation prints (build steps, load and pull messages) goes to its own
+  `on_log`, one line at a time, each line starting with `[build] `.
+
+Housekeeping (runner/housekeeping.py) asks a backend what a killed runner may have left
+(`Leftover`s of an organization), removes them, and bounds the prepared images.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import os
 import posixpath
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +49,8 @@ OUTPUT_DIR = "output"
 # A cancelled process gets this long between the polite signal and the kill, so that the
 # whole stop stays well inside the 5 s the contract promises.
 STOP_GRACE_S = 2.0
+# What starts every line of an image preparation's output in the task log.
+BUILD_LOG_PREFIX = "[build] "
 
 LogSink = Callable[[bytes], Awaitable[None]]
 Gate = Callable[[], Awaitable[bool]]
@@ -97,6 +104,10 @@ class RunSpec:
     cpus: float | None = None
     memory_bytes: int | None = None
     network: bool = False
+    # Who runs it: the backend labels what it creates with them, so that housekeeping can
+    # tell an organization's leftovers from another's on a shared engine.
+    org: str = ""
+    runner_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,17 +137,39 @@ class BuildError(Exception):
         self.log_tail = log_tail
 
 
+class ImageGone(BuildError):
+    """The prepared image was removed from the engine before the run (another runner
+    sharing the engine pruned it): prepare it again and retry."""
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a run left in a backend (a container), as housekeeping sees it."""
+
+    id: str
+    task_key: str
+    org: str
+    runner_id: str
+    created_at: float  # seconds since the epoch, by the backend's clock
+    running: bool
+
+    def describe(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"{self.id[:12]} ({state}, task {self.task_key}, runner {self.runner_id})"
+
+
 class Backend(Protocol):
     """Executes tasks. Every method is safe to await from the runner's event loop."""
 
     name: str  # "docker" | "subprocess"
 
-    async def prepare_image(self, spec: ImageSpec) -> str:
+    async def prepare_image(self, spec: ImageSpec, on_log: LogSink | None = None) -> str:
         """Build, load or find the function's image; the answer goes in RunSpec.image.
 
         Idempotent and cached: the same function and checksum are built once, even across
         runner restarts, and concurrent calls for the same image wait for one preparation.
-        Raises BuildError.
+        What the preparation prints goes to `on_log` as lines starting with
+        BUILD_LOG_PREFIX (nothing when the image was already there). Raises BuildError.
         """
         ...
 
@@ -149,6 +182,24 @@ class Backend(Protocol):
         result is `canceled`, nothing ran). The runner uses it to prepare a task while the
         API is still recording its start.
         """
+        ...
+
+    async def leftovers(self, org: str) -> list[Leftover]:
+        """What runs of `org`'s runners left in the backend (every runner's, this one's
+        included: housekeeping decides which are abandoned)."""
+        ...
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        """Remove it, killing it first if it runs; gone already is fine."""
+        ...
+
+    async def prune_images(
+        self, keep: int, *, protect: Collection[str] = (), grace_s: float = 0.0
+    ) -> list[str]:
+        """Remove the least recently used prepared images beyond the `keep` most recent
+        ones, except images in `protect` (RunSpec.image values about to run), images a
+        container uses, and images used within `grace_s`; returns what was removed. Only
+        images the backend prepared itself are ever touched."""
         ...
 
     async def close(self) -> None:

@@ -45,7 +45,8 @@ class LocalRunners:
 
     def __init__(self, runtime: Runtime, api_url: str, nats_url: str, home: Path,
                  backend: Backend, *, setting: str = "all", every_s: float = 2.0,
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, housekeeping_s: float = 30.0,
+                 max_images: int = 20) -> None:
         self.runtime = runtime
         self.api_url = api_url
         self.nats_url = nats_url
@@ -54,6 +55,8 @@ class LocalRunners:
         self.every_s = every_s
         self.backend = backend
         self.concurrency = concurrency
+        self.housekeeping_s = housekeeping_s
+        self.max_images = max_images
         self.runners: dict[str, Runner] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -85,7 +88,8 @@ class LocalRunners:
         config = RunnerConfig(
             api_url=self.api_url, token=await self._token(org), org=org,
             nats_url=self.nats_url, home=self.home / "runners" / org,
-            dispatch=self.runtime.dispatch_config, concurrency=self.concurrency)
+            dispatch=self.runtime.dispatch_config, concurrency=self.concurrency,
+            housekeeping_s=self.housekeeping_s, max_images=self.max_images)
         runner = Runner(config, _Shared(self.backend))
         await runner.start()
         self.runners[org] = runner
@@ -120,6 +124,9 @@ class _Shared:
         self.name = backend.name
         self.prepare_image = backend.prepare_image
         self.run = backend.run
+        self.leftovers = backend.leftovers
+        self.remove_leftover = backend.remove_leftover
+        self.prune_images = backend.prune_images
 
     async def close(self) -> None:
         return None

@@ -10,7 +10,9 @@ dropped. So a task never runs twice at once, whatever NATS delivers.
 While a task runs the runner renews its lease every few seconds; the answer carries the
 task's status, and anything but DOING (canceled by its owner, or handed to another run)
 stops the container. If this runner dies, the lease expires and the API retries the
-task on another runner once, then fails it (INTERNAL).
+task on another runner once, then fails it (INTERNAL); the container and working dir it
+left are removed by the housekeeping of its organization's runners (runner/housekeeping.py),
+which also bounds the prepared images.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,17 @@ from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
 from app.metrics import CONTAINER_SECONDS
 from runner.api import ApiError, ChecksumMismatch, RunnerApi
 from runner.cache import FileCache
-from runner.contract import Backend, BuildError, ImageSourceKind, ImageSpec, RunResult, RunSpec
+from runner.contract import (
+    Backend,
+    BuildError,
+    ImageGone,
+    ImageSourceKind,
+    ImageSpec,
+    LogSink,
+    RunResult,
+    RunSpec,
+)
+from runner.housekeeping import Housekeeper
 from runner.workspace import ExecutionFailure, InputUnavailable, Workspace
 
 log = logging.getLogger(__name__)
@@ -75,6 +89,12 @@ class RunnerConfig:
     # A running task is given this long to finish when the runner stops; then it is
     # stopped and handed back (its lease released at once, for another runner).
     drain_s: float = 30.0
+    # Housekeeping (runner/housekeeping.py): a sweep at start, then every housekeeping_s
+    # (0: never); what is younger than leftover_grace_s is never removed; at most
+    # max_images prepared function images are kept (0: no bound).
+    housekeeping_s: float = 30.0
+    leftover_grace_s: float = 60.0
+    max_images: int = 20
 
     @property
     def durable(self) -> str:
@@ -100,6 +120,13 @@ class Runner:
         self._images: dict[str, str] = {}
         self._functions: dict[str, dict[str, Any]] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
+        # Functions of the tasks being run: their images are never pruned meanwhile.
+        self._functions_in_use: Counter[str] = Counter()
+        self.housekeeping = Housekeeper(
+            org=config.org, backend=backend, api=self.api, workdirs=self.workdirs,
+            running=self._running.keys, images_in_use=self._images_in_use,
+            grace_s=config.leftover_grace_s, max_images=config.max_images)
+        self._housekeeping_task: asyncio.Task[None] | None = None
         # Figures for tests and bench: task key → monotonic time of each phase (fetched
         # from NATS, start accepted by the API, inputs ready), and how the run ended.
         self.phases: dict[str, dict[str, float]] = {}
@@ -110,6 +137,10 @@ class Runner:
     async def start(self) -> None:
         self.workdirs.mkdir(parents=True, exist_ok=True)
         self._loop_task = asyncio.create_task(self._consume(), name=f"runner-{self.config.org}")
+        if self.config.housekeeping_s > 0:
+            self._housekeeping_task = asyncio.create_task(
+                self.housekeeping.run_forever(self.config.housekeeping_s),
+                name=f"housekeeping-{self.config.org}")
         log.info("runner %s for %s started (%s backend, %d at a time)", self.config.runner_id,
                  self.config.org, self.backend.name, self.config.concurrency)
 
@@ -117,10 +148,11 @@ class Runner:
         """Stop taking tasks; let running ones finish within `drain_s`, then stop their
         containers and hand them back to be run elsewhere."""
         self._stopping.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._housekeeping_task, self._loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         running = list(self._running.values())
         if running:
             _, pending = await asyncio.wait(
@@ -234,7 +266,7 @@ class Runner:
 
     async def _execute(self, run: _Run) -> None:
         key = run.key
-        logs = LogShipper(self.api, key)
+        logs = LogShipper(self.api, key, allowed=run.owned)
         workdir = self.workdirs / f"{key}-{uuid.uuid4().hex[:8]}"
         try:
             await self._run(run, workdir, logs)
@@ -257,12 +289,22 @@ class Runner:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
     async def _run(self, run: _Run, workdir: Path, logs: LogShipper) -> None:
-        key = run.key
         # Prepared while the start is being recorded, from what the dispatcher sent (a
         # task's inputs and outputs never change), or else from the API.
-        task = run.task or await self.api.task(key)
+        task = run.task or await self.api.task(run.key)
         function = await self._function(task["function_key"])
-        image = await self._image(function)
+        self._functions_in_use[function["key"]] += 1
+        try:
+            await self._run_function(run, task, function, workdir, logs)
+        finally:
+            self._functions_in_use[function["key"]] -= 1
+            if self._functions_in_use[function["key"]] <= 0:
+                del self._functions_in_use[function["key"]]
+
+    async def _run_function(self, run: _Run, task: dict[str, Any], function: dict[str, Any],
+                            workdir: Path, logs: LogShipper) -> None:
+        key = run.key
+        image = await self._image(function, logs.write)
         workspace = Workspace(self.api, self.cache, task, function, workdir)
         inputs = await workspace.prepare_inputs()
         outputs = workspace.output_entries()
@@ -272,7 +314,8 @@ class Runner:
             entrypoint=function.get("entrypoint"), environment=dict(function["environment"]),
             gpu=bool(function["gpu"]), workdir=workdir, inputs=inputs, outputs=outputs,
             timeout_s=self.config.task_timeout_s, cpus=self.config.cpus,
-            memory_bytes=self.config.memory_bytes,
+            memory_bytes=self.config.memory_bytes, org=self.config.org,
+            runner_id=self.config.runner_id,
         )
 
         async def gate() -> bool:
@@ -282,7 +325,14 @@ class Runner:
                 return True
             return False
 
-        result = await self.backend.run(spec, logs.write, run.cancel, gate)
+        try:
+            result = await self.backend.run(spec, logs.write, run.cancel, gate)
+        except ImageGone:
+            # Another runner sharing the engine pruned the image since we prepared it
+            # (nothing ran yet): prepare it again, once.
+            self._images.pop(function["key"], None)
+            spec = dataclasses.replace(spec, image=await self._image(function, logs.write))
+            result = await self.backend.run(spec, logs.write, run.cancel, gate)
         if not await run.owned():
             return  # another runner's, or no longer TODO: nothing ran
         self.results[key] = result
@@ -310,7 +360,12 @@ class Runner:
             self._functions[key] = await self.api.asset("functions", key)
         return self._functions[key]
 
-    async def _image(self, function: dict[str, Any]) -> str:
+    def _images_in_use(self) -> set[str]:
+        return {self._images[key] for key in self._functions_in_use if key in self._images}
+
+    async def _image(self, function: dict[str, Any], on_log: LogSink) -> str:
+        """The function's image, prepared once per runner; a build's output goes to
+        `on_log` (the log of the task that triggered it)."""
         key = function["key"]
         lock = self._image_locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -325,7 +380,7 @@ class Runner:
                     f"/functions/{key}/archive", path, checksum))
             image = await self.backend.prepare_image(ImageSpec(
                 function_key=key, source=source, checksum=checksum, archive_path=archive,
-                reference=function["image"] if archive is None else None))
+                reference=function["image"] if archive is None else None), on_log)
             self._images[key] = image
             return image
 
@@ -391,14 +446,20 @@ def _task_key(msg: Msg) -> str:
 
 class LogShipper:
     """Appends a task's stdout/stderr to its log through the API while it runs, in
-    order, in pieces of at most 64 kB sent at most every 0.2 s."""
+    order, in pieces of at most 64 kB sent at most every 0.2 s.
+
+    `allowed` is awaited before anything is sent: what was written while the start was
+    being recorded (the image build's output) is sent once the task is ours, and dropped
+    if it is not (another runner's task must not get our lines)."""
 
     PIECE = 64 * 1024
 
-    def __init__(self, api: RunnerApi, key: str, every_s: float = 0.2) -> None:
+    def __init__(self, api: RunnerApi, key: str, every_s: float = 0.2, *,
+                 allowed: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.api = api
         self.key = key
         self.every_s = every_s
+        self._allowed = allowed
         self._pending = bytearray()
         self._copy = bytearray()
         self._lock = asyncio.Lock()
@@ -414,6 +475,9 @@ class LogShipper:
 
     async def flush(self) -> None:
         async with self._lock:
+            if self._allowed is not None and not await self._allowed():
+                self._pending.clear()
+                return
             while self._pending:
                 piece = bytes(self._pending[: self.PIECE])
                 try:

@@ -27,7 +27,7 @@ from runner.contract import (
     choose_backend,
 )
 from tests import images
-from tests.backend_tasks import MODEL_KEY, run, sh
+from tests.backend_tasks import MODEL_KEY, Logs, run, sh
 from tests.backend_tasks import task as shared_task
 
 # The session fixtures of tests/images.py, brought in by assignment (an import would read
@@ -461,3 +461,119 @@ def test_choose_backend_picks_docker_when_the_engine_answers(
     choice = choose_backend(BackendOptions(docker_client=docker_engine))
     assert choice.backend.name == "docker"
     assert choice.reason.startswith("docker: engine ")
+
+
+# -- bounding the prepared images -------------------------------------------------------
+
+
+@pytest.fixture
+async def private_backend(
+    docker_engine: docker.DockerClient,
+) -> AsyncIterator[DockerBackend]:
+    """A backend tagging under a repository of its own, so that pruning it cannot touch
+    the images of another test (or of another worker sharing the engine)."""
+    repository = f"consort-fn-test-{uuid.uuid4().hex[:8]}"
+    backend = DockerBackend(docker_engine, image_repository=repository)
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        for image in docker_engine.images.list():
+            for tag in image.tags:
+                if tag.startswith(repository + "/"):
+                    with contextlib.suppress(docker.errors.ImageNotFound):
+                        docker_engine.images.remove(tag, force=True)
+
+
+async def tiny_function_image(backend: DockerBackend, base: str, tmp_path: Path) -> str:
+    """A function image of its own (a distinct layer) on top of the busybox test image."""
+    name = uuid.uuid4().hex
+    archive = tar_archive(tmp_path / f"{name}.tar.gz", {
+        "Dockerfile": f"FROM {base}\nCOPY id.txt /id.txt\n", "id.txt": name})
+    return await backend.prepare_image(archive_spec(archive))
+
+
+def has_image(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.images.get(name)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+async def test_least_recently_used_function_images_beyond_the_bound_are_pruned(
+    private_backend: DockerBackend, busybox_image: str, workdir: Path, tmp_path: Path,
+    docker_engine: docker.DockerClient,
+) -> None:
+    first, second, third = [
+        await tiny_function_image(private_backend, busybox_image, tmp_path) for _ in range(3)]
+    # Running a task uses the first again: the second is now the least recently used.
+    result, logs = await run(private_backend, task(workdir, first, sh("cat /id.txt")))
+    assert result.exit_code == 0, logs.text
+    for _ in range(50):  # the use is recorded off the task's path
+        used = images_lru(private_backend)
+        if used[0] == first:
+            break
+        await asyncio.sleep(0.05)
+    assert images_lru(private_backend) == [first, third, second]
+
+    assert await private_backend.prune_images(2) == [second]
+    assert not has_image(docker_engine, second)
+    assert has_image(docker_engine, first) and has_image(docker_engine, third)
+    assert has_image(docker_engine, busybox_image), "an image we did not make was removed"
+    assert await private_backend.prune_images(0) == [], "0 means no bound"
+
+
+def images_lru(backend: DockerBackend) -> list[str]:
+    from runner.images import prepared_images
+
+    return [image.tags[0] for image in prepared_images(backend.client, backend.image_repository)]
+
+
+async def test_images_in_use_or_recently_used_are_kept_beyond_the_bound(
+    private_backend: DockerBackend, busybox_image: str, tmp_path: Path,
+    docker_engine: docker.DockerClient,
+) -> None:
+    oldest, in_container, protected, newest = [
+        await tiny_function_image(private_backend, busybox_image, tmp_path) for _ in range(4)]
+    container = docker_engine.containers.create(in_container, ["true"])  # never started
+    try:
+        # Recently used: within the grace period nothing goes.
+        assert await private_backend.prune_images(1, grace_s=60) == []
+        removed = await private_backend.prune_images(1, protect={protected})
+        assert removed == [oldest]
+        assert has_image(docker_engine, in_container) and has_image(docker_engine, protected)
+    finally:
+        container.remove(force=True)
+    assert sorted(await private_backend.prune_images(1)) == sorted([in_container, protected])
+    assert has_image(docker_engine, newest)
+
+
+async def test_pruning_an_image_with_another_name_only_removes_our_tag(
+    private_backend: DockerBackend, busybox_image: str, tmp_path: Path,
+    docker_engine: docker.DockerClient,
+) -> None:
+    # As a loaded tarball keeps the name it was saved with beside our tag.
+    shared = await tiny_function_image(private_backend, busybox_image, tmp_path)
+    own_name = f"consort-test/someone-elses-{uuid.uuid4().hex[:8]}:1"
+    docker_engine.images.get(shared).tag(own_name)
+    try:
+        await tiny_function_image(private_backend, busybox_image, tmp_path)
+        assert await private_backend.prune_images(1) == [shared]
+        assert has_image(docker_engine, own_name)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_engine.images.remove(own_name, force=True)
+
+
+async def test_build_output_goes_to_the_log_line_by_line_with_a_prefix(
+    private_backend: DockerBackend, busybox_image: str, tmp_path: Path,
+) -> None:
+    archive = tar_archive(tmp_path / "f.tar.gz", {
+        "Dockerfile": f"FROM {busybox_image}\nRUN echo building-now\n"})
+    logs = Logs()
+    await private_backend.prepare_image(archive_spec(archive), logs)
+    lines = logs.text.splitlines()
+    assert lines and all(line.startswith("[build] ") for line in lines), lines
+    assert "[build] building-now" in lines
+    assert any("RUN echo building-now" in line for line in lines), lines

@@ -4,17 +4,21 @@ or child processes, driven over NATS JetStream, and report back through the API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import nats
 import pytest
 
@@ -315,3 +319,69 @@ async def test_stopping_runner_lets_a_short_task_finish(stack: Stack) -> None:
     await runner.stop(drain_s=10)
     stack.runners.remove(runner)
     assert (await stack.task("org-a", key))["status"] == "DONE"
+
+
+def dockerfile_archive(dockerfile: str) -> bytes:
+    data = dockerfile.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+async def dockerfile_task(stack: Stack, dockerfile: str, script: str) -> tuple[str, str]:
+    """(task key, function key) of one org-a task whose function is a Dockerfile archive."""
+    archive = await stack.upload("org-a", dockerfile_archive(dockerfile))
+    function = await stack.function("org-a", "built", ["sh", "-c", script],
+                                    outputs={"model": {"kind": "MODEL"}},
+                                    image_source="DOCKERFILE_ARCHIVE", image=archive)
+    key = str(uuid.uuid4())
+    await stack.plan("org-a", [{"key": key, "function_key": function, "worker": "org-a"}])
+    return key, function
+
+
+@pytest.fixture
+def function_images(docker_engine: docker.DockerClient) -> Iterator[list[str]]:
+    """Function keys whose consort-fn/ images are removed after the test."""
+    keys: list[str] = []
+    yield keys
+    for image in docker_engine.images.list():
+        for tag in image.tags:
+            if any(tag.startswith(f"consort-fn/{key}:") for key in keys):
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    docker_engine.images.remove(tag, force=True)
+
+
+async def test_failing_dockerfile_has_its_build_output_in_the_task_log(
+    stack: Stack, busybox_image: str, function_images: list[str]
+) -> None:
+    await stack.org("org-a")
+    key, function = await dockerfile_task(
+        stack, f"FROM {busybox_image}\nRUN echo compiling the model && exit 3\n", "true")
+    function_images.append(function)
+    await stack.runner("org-a", new_backend("docker", stack.home))
+    task = await stack.wait_status("org-a", key, "FAILED", "DONE")
+    assert task["status"] == "FAILED" and task["error_type"] == "BUILD"
+    lines = (await stack.logs("org-a", key)).splitlines()
+    assert "[build] compiling the model" in lines, lines
+    assert any(line.startswith("[build] ") and "returned a non-zero code: 3" in line
+               for line in lines), lines
+
+
+async def test_build_output_comes_before_the_run_output_in_the_task_log(
+    stack: Stack, busybox_image: str, function_images: list[str]
+) -> None:
+    await stack.org("org-a")
+    key, function = await dockerfile_task(
+        stack, f"FROM {busybox_image}\nRUN echo compiling the model\n",
+        "echo running the model; echo 1 > output/model")
+    function_images.append(function)
+    await stack.runner("org-a", new_backend("docker", stack.home))
+    task = await stack.wait_status("org-a", key, "DONE", "FAILED")
+    lines = (await stack.logs("org-a", key)).splitlines()
+    assert task["status"] == "DONE", lines
+    assert lines.index("[build] compiling the model") < lines.index("running the model")
+    assert not any(line.startswith("[build] ") for line in
+                   lines[lines.index("running the model"):]), lines

@@ -9,6 +9,11 @@ Inside the container the task working dir is `/consort`: `input/` is a read-only
 mount, `output/` a writable one (chowned to the container user), `io.json` a read-only
 file mount. The process runs as 65534:65534 unless configured otherwise, with
 no-new-privileges, without network unless the task asks for it.
+
+Every container carries the labels `consort.task_key`, `consort.org` and `consort.runner`
+(the runner id): housekeeping lists an organization's containers by them to find what a
+killed runner left (`leftovers`). Prepared images are bounded by `prune_images`
+(runner/images.py); each run marks its image as used.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 import docker
@@ -37,9 +42,10 @@ from runner.contract import (
     IO_FILE_NAME,
     OUTPUT_DIR,
     STOP_GRACE_S,
-    BuildError,
     Gate,
+    ImageGone,
     ImageSpec,
+    Leftover,
     LogSink,
     RunResult,
     RunSpec,
@@ -53,6 +59,10 @@ T = TypeVar("T")
 DEFAULT_USER = "65534:65534"
 LABEL_TASK = "consort.task_key"
 LABEL_RUNNER = "consort.runner"
+LABEL_ORG = "consort.org"
+# How long a build may wait for the task log to take a line before its output is dropped
+# (the loop is stuck or gone: the build itself must go on).
+EMIT_TIMEOUT_S = 30.0
 LOG_QUEUE_CHUNKS = 256
 LOG_BATCH_BYTES = 64 * 1024
 LOG_DRAIN_TIMEOUT_S = 10.0
@@ -73,6 +83,7 @@ class DockerBackend:
         security_opt: tuple[str, ...] = ("no-new-privileges",),
         max_threads: int = 64,
         stop_grace_s: float = STOP_GRACE_S,
+        image_repository: str = images.TAG_REPOSITORY,
     ) -> None:
         # Each running task holds two threads (wait, logs): max_threads bounds parallel
         # tasks at about half of it. The pool of HTTP connections matches.
@@ -81,6 +92,8 @@ class DockerBackend:
         self._user = user
         self._security_opt = list(security_opt)
         self._stop_grace_s = stop_grace_s
+        # Where prepared images are tagged, and the only images prune_images touches.
+        self.image_repository = image_repository
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_threads, thread_name_prefix="consort-docker"
         )
@@ -90,13 +103,16 @@ class DockerBackend:
     def client(self) -> docker.DockerClient:
         return self._client
 
-    async def prepare_image(self, spec: ImageSpec) -> str:
+    async def prepare_image(self, spec: ImageSpec, on_log: LogSink | None = None) -> str:
         # One preparation per image at a time: concurrent tasks of a new function wait for
-        # the first build instead of starting their own.
+        # the first build instead of starting their own (only the first one's log gets
+        # the build's output).
         key = f"{spec.function_key}/{spec.source}/{spec.checksum or spec.reference}"
         lock = self._image_locks.setdefault(key, asyncio.Lock())
+        emit = _emitter(on_log, asyncio.get_running_loop()) if on_log is not None else None
         async with lock:
-            return await self._call(images.prepare_docker_image, self._client, spec)
+            return await self._call(images.prepare_docker_image, self._client, spec, emit,
+                                    self.image_repository)
 
     async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
                   gate: Gate | None = None) -> RunResult:
@@ -108,9 +124,10 @@ class DockerBackend:
         try:
             container = await self._call(self._client.containers.create, **create_kwargs)
         except docker.errors.ImageNotFound as exc:
-            raise BuildError(f"image {spec.image} is not in the engine: prepare it first") from exc
+            raise ImageGone(f"image {spec.image} is not in the engine: prepare it first") from exc
         except docker.errors.APIError as exc:
             return await self._refused(on_log, called, f"cannot create the container: {_why(exc)}")
+        self._touch(spec.image)
         try:
             if gate is not None and not await gate():
                 return RunResult(None, timed_out=False, canceled=True, duration_s=0.0,
@@ -118,6 +135,34 @@ class DockerBackend:
             return await self._supervise(container, spec, on_log, cancel, called)
         finally:
             await self._call(self._remove, container)
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    async def leftovers(self, org: str) -> list[Leftover]:
+        filters = {"label": [f"{LABEL_ORG}={org}", LABEL_TASK]}
+        found = await self._call(self._client.api.containers, all=True, filters=filters)
+        leftovers = []
+        for summary in found:
+            # The list gives whole seconds; the grace period deserves the exact time.
+            with contextlib.suppress(docker.errors.NotFound):
+                attrs = await self._call(self._client.api.inspect_container, summary["Id"])
+                created = images.engine_time(attrs.get("Created"))
+                leftovers.append(_leftover(summary, created))
+        return leftovers
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        def remove() -> None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self._client.api.remove_container(leftover.id, force=True, v=True)
+
+        await self._call(remove)
+
+    async def prune_images(
+        self, keep: int, *, protect: Collection[str] = (), grace_s: float = 0.0
+    ) -> list[str]:
+        return await self._call(
+            images.prune_function_images, self._client, keep,
+            repository=self.image_repository, protect=protect, grace_s=grace_s)
 
     async def close(self) -> None:
         # Not waiting: a thread stuck on the engine must not hang the runner's shutdown.
@@ -153,8 +198,16 @@ class DockerBackend:
         try:
             config = self._client.images.get(image).attrs.get("Config") or {}
         except docker.errors.ImageNotFound as exc:
-            raise BuildError(f"image {image} is not in the engine: prepare it first") from exc
+            raise ImageGone(f"image {image} is not in the engine: prepare it first") from exc
         return list(config.get("Cmd") or [])
+
+    def _touch(self, image: str) -> None:
+        """Record the use of a prepared image for pruning, off the task's path: the
+        container now holds the image, so nothing waits for this."""
+        if not image.startswith(self.image_repository + "/"):
+            return
+        future = self._executor.submit(images.touch_function_image, self._client, image)
+        future.add_done_callback(_log_failure)
 
     async def _supervise(
         self, container: Container, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
@@ -245,7 +298,7 @@ def container_kwargs(
         "working_dir": CONTAINER_WORKDIR,
         "mounts": mounts,
         "name": _container_name(spec.task_key),
-        "labels": {LABEL_TASK: spec.task_key, LABEL_RUNNER: "1"},
+        "labels": _labels(spec),
         "security_opt": security_opt,
         # json-file whatever the daemon's default: the live log stream reads it back.
         "log_config": LogConfig(type="json-file", config={"max-size": "64m", "max-file": "2"}),
@@ -265,6 +318,57 @@ def container_kwargs(
     if spec.gpu:
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     return kwargs
+
+
+def _labels(spec: RunSpec) -> dict[str, str]:
+    labels = {LABEL_TASK: spec.task_key, LABEL_RUNNER: spec.runner_id or "1"}
+    if spec.org:
+        labels[LABEL_ORG] = spec.org
+    return labels
+
+
+def _leftover(summary: dict[str, Any], created: float | None) -> Leftover:
+    """A container as the engine lists it (GET /containers/json)."""
+    labels = summary.get("Labels") or {}
+    return Leftover(
+        id=str(summary["Id"]), task_key=labels.get(LABEL_TASK, ""),
+        org=labels.get(LABEL_ORG, ""), runner_id=labels.get(LABEL_RUNNER, ""),
+        created_at=created or float(summary.get("Created", 0)),
+        running=summary.get("State") in ("running", "restarting", "paused"),
+    )
+
+
+def _emitter(on_log: LogSink, loop: asyncio.AbstractEventLoop) -> images.Emit:
+    """A build thread's way to put a line into `on_log` on the loop, in order (it waits
+    for each line to be taken). A sink that fails or hangs loses the rest of the build's
+    output, never the build."""
+    broken = threading.Event()
+
+    async def deliver(data: bytes) -> None:
+        await on_log(data)
+
+    def emit(line: str) -> None:
+        if broken.is_set():
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(deliver(line.encode()), loop)
+        except RuntimeError:  # the loop is closed
+            broken.set()
+            return
+        try:
+            future.result(timeout=EMIT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the sink failed, or hangs (timeout)
+            future.cancel()
+            broken.set()
+            log.warning("build output could not reach the task log; the rest is dropped",
+                        exc_info=True)
+
+    return emit
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("touching an image failed", exc_info=future.exception())
 
 
 def _container_name(task_key: str) -> str:

@@ -19,6 +19,14 @@ the contract as far as a plain process can:
   host's GPUs as they are;
 - the process is its own session and process group: timeout and cancel signal the whole
   group, and whatever it left running is killed when it exits.
+
+Housekeeping: a runner killed mid-task leaves its function's process running, in its own
+session, until it ends by itself (nothing enforces the timeout any more); its output goes
+to a working dir that the runner's housekeeping removes later (runner/housekeeping.py).
+The backend reports no leftovers: a bare process carries no label saying whose task it
+runs, and guessing from the process table could kill a process that is not ours.
+Unpacked function directories are not pruned either: they hold source files, not image
+layers, and another runner sharing the cache may be running one (see ADR 0010).
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from runner import images
 from runner.contract import (
+    BUILD_LOG_PREFIX,
     INPUT_DIR,
     IO_ENV,
     STOP_GRACE_S,
@@ -44,6 +54,7 @@ from runner.contract import (
     Gate,
     ImageSourceKind,
     ImageSpec,
+    Leftover,
     LogSink,
     RunResult,
     RunSpec,
@@ -82,7 +93,7 @@ class SubprocessBackend:
         self._locks: dict[str, asyncio.Lock] = {}
         self.isolates_network = _can_unshare_network()
 
-    async def prepare_image(self, spec: ImageSpec) -> str:
+    async def prepare_image(self, spec: ImageSpec, on_log: LogSink | None = None) -> str:
         if spec.source is ImageSourceKind.IMAGE_TARBALL:
             raise BuildError(
                 f"function {spec.function_key}: an image tarball needs a Docker engine, and "
@@ -94,7 +105,11 @@ class SubprocessBackend:
             return HOST_PREFIX + spec.reference
         lock = self._locks.setdefault(f"{spec.function_key}/{spec.checksum}", asyncio.Lock())
         async with lock:
+            unpacked = images.function_dir(self.cache_dir, spec).is_dir()
             directory = await asyncio.to_thread(images.unpack_function, self.cache_dir, spec)
+        if not unpacked and on_log is not None:
+            await on_log(f"{BUILD_LOG_PREFIX}unpacked the function's archive into {directory} "
+                         "(subprocess backend: the Dockerfile is not built)\n".encode())
         return DIR_PREFIX + str(directory.resolve())
 
     async def run(self, spec: RunSpec, on_log: LogSink, cancel: asyncio.Event,
@@ -124,6 +139,17 @@ class SubprocessBackend:
             return await self._execute(spec, self._wrap(spec, argv), env, on_log, cancel)
         finally:
             await asyncio.to_thread(_restore_input_dirs, spec.workdir)
+
+    async def leftovers(self, org: str) -> list[Leftover]:
+        return []  # see the module docstring
+
+    async def remove_leftover(self, leftover: Leftover) -> None:
+        return None
+
+    async def prune_images(
+        self, keep: int, *, protect: Collection[str] = (), grace_s: float = 0.0
+    ) -> list[str]:
+        return []  # see the module docstring
 
     async def close(self) -> None:
         return None
