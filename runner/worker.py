@@ -41,6 +41,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from app.events.background import stop_task, wake_or_poll
 from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
 from app.metrics import CONTAINER_SECONDS
 from runner.api import ApiError, ChecksumMismatch, RunnerApi
@@ -495,13 +496,10 @@ class LogShipper:
 
     async def _ship(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.every_s)
+            await wake_or_poll(self._wake, self.every_s)
             self._wake.clear()
             await self.flush()
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_task(self._task)
         await self.flush()

@@ -68,7 +68,8 @@ class ProjectionWaiter:
         # while the listener reconnects is covered by the poll of `_run`.
         self._waiters.append(item)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(future)
         except TimeoutError:
             raise ViewsBehind(need, timeout) from None
         finally:
