@@ -6,6 +6,7 @@ there is a single storage code path whatever the deployment.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -36,6 +37,9 @@ from app.projections.waiter import ProjectionWaiter
 from app.storage.artifacts import ArtifactStore, FilesystemArtifactStore
 
 log = logging.getLogger(__name__)
+
+# How long stop() lets connections in use finish before it cuts them.
+POOL_CLOSE_TIMEOUT_S = 10.0
 
 
 def all_projections() -> list[Projection]:
@@ -127,7 +131,15 @@ class Runtime:
         for component in (self.waiter, self.projector, self.sequencer, self.appender):
             await component.stop()
         await self.notifications.stop()
-        await self.pool.close()
+        try:
+            # close() waits for every connection to be released: a stuck holder must not
+            # hang the shutdown, so after a while the rest are cut.
+            async with asyncio.timeout(POOL_CLOSE_TIMEOUT_S):
+                await self.pool.close()
+        except TimeoutError:
+            log.warning("connections still in use after %ss; closing them",
+                        POOL_CLOSE_TIMEOUT_S)
+            self.pool.terminate()
 
     async def _load_admin_credentials(self) -> None:
         if self._admin_token:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from app import runtime as runtime_module
 from app.events import background
 from app.events.background import stop_task, wake_or_poll
+from app.runtime import Runtime
 
 
 async def test_stop_task_stops_a_loop_that_swallowed_the_first_cancellation(
@@ -45,3 +48,15 @@ async def test_wake_or_poll_returns_on_a_wake_or_after_the_poll() -> None:
     started = loop.time()
     await wake_or_poll(wake, 5)
     assert loop.time() - started < 1
+
+
+async def test_runtime_stop_cuts_connections_still_held_after_a_while(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime_module, "POOL_CLOSE_TIMEOUT_S", 0.2)
+    rt = Runtime(database_url, admin_token="t", artifacts_dir=tmp_path / "artifacts")
+    await rt.start()
+    await rt.pool.acquire()  # a holder that never gives it back
+    async with asyncio.timeout(10):  # without the cut, close() waits for it for ever
+        await rt.stop()
+    assert rt.pool.is_closing()
