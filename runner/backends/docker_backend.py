@@ -451,9 +451,11 @@ class _LogPump:
                 yield bytes(chunk)
 
     def _put(self, item: bytes | None) -> bool:
+        put = self._queue.put(item)
         try:
-            future = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
-        except RuntimeError:  # the loop is closed
+            future = asyncio.run_coroutine_threadsafe(put, self._loop)
+        except RuntimeError:  # the loop is closed: the coroutine will never run
+            put.close()
             return False
         while True:
             try:
