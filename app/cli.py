@@ -159,6 +159,8 @@ async def _announce_when_listening(
     for name, value in _describe(stack):
         out.print(f"  {name:<11} {value}", markup=False)
     _announce_admin_token(runtime, settings.home, saved_token)
+    url = "" if port == 8000 and host in ("127.0.0.1", "localhost") else f" --url {base}"
+    out.print(f"\nTry it, in another terminal: consort example oasis{url}", markup=False)
     out.print("Press Ctrl-C to stop.")
 
 
