@@ -10,6 +10,7 @@ Errors are `ConsortError` subclasses carrying the API's problem `code` and `deta
 from consort._protocol import RetryPolicy
 from consort.client import AsyncClient, Client
 from consort.errors import (
+    ChecksumMismatch,
     Conflict,
     ConnectionFailed,
     ConsortError,
@@ -24,7 +25,7 @@ from consort.errors import (
 )
 
 __all__ = [
-    "AsyncClient", "Client", "ConnectionFailed", "Conflict", "ConsortError", "Forbidden",
-    "Gone", "InvalidRequest", "NotFound", "RetryPolicy", "ServerError", "TooLarge",
-    "Unauthorized", "WaitTimeout",
+    "AsyncClient", "ChecksumMismatch", "Client", "ConnectionFailed", "Conflict",
+    "ConsortError", "Forbidden", "Gone", "InvalidRequest", "NotFound", "RetryPolicy",
+    "ServerError", "TooLarge", "Unauthorized", "WaitTimeout",
 ]

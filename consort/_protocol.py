@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import secrets
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -240,24 +241,40 @@ class DownloadFile:
 
     def __init__(self, call: Call, response: httpx.Response) -> None:
         assert call.download is not None
+        self.call = call
         self.target = call.download
-        self.partial = self.target.with_name(self.target.name + ".part")
+        # Unique, so two downloads to one place never write into each other's file.
+        self.partial = self.target.with_name(
+            f"{self.target.name}.part-{secrets.token_hex(4)}")
         self.progress = call.download_progress
         length = response.headers.get("Content-Length")
         self.total = int(length) if length and length.isdigit() else None
+        # The server names the stored file's SHA-256: what arrives is checked against it.
+        self.expected = response.headers.get("X-Content-SHA256")
+        self.digest = hashlib.sha256()
         self.done = 0
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.handle = self.partial.open("wb")
 
     def write(self, chunk: bytes) -> None:
         self.handle.write(chunk)
+        self.digest.update(chunk)
         self.done += len(chunk)
         if self.progress is not None:
             self.progress(self.done, self.total)
 
     def finish(self, ok: bool) -> None:
+        """Rename into place when complete and intact; otherwise leave nothing behind."""
         self.handle.close()
-        if ok:
+        got = self.digest.hexdigest()
+        intact = self.expected is None or got == self.expected.lower()
+        if ok and intact:
             self.partial.replace(self.target)
-        else:
-            self.partial.unlink(missing_ok=True)
+            return
+        self.partial.unlink(missing_ok=True)
+        if ok:
+            from consort.errors import ChecksumMismatch  # errors imports this module
+
+            raise ChecksumMismatch(
+                f"GET {self.call.path}: received bytes with SHA-256 {got}, the server "
+                f"announced {self.expected}", code="checksum_mismatch")

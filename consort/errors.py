@@ -72,6 +72,10 @@ class ConnectionFailed(ConsortError):
     """The server could not be reached, even after the retries."""
 
 
+class ChecksumMismatch(ConsortError):
+    """A download's bytes do not have the SHA-256 the server announced (nothing is kept)."""
+
+
 class WaitTimeout(ConsortError):
     """`wait_task` / `wait_compute_plan` gave up before the asset reached a final status."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
 import tarfile
 import threading
@@ -25,8 +26,10 @@ import pytest
 
 from app.api.app import create_app
 from app.runtime import Runtime
+from app.storage.artifacts import FilesystemArtifactStore
 from consort import (
     AsyncClient,
+    ChecksumMismatch,
     Client,
     Conflict,
     ConnectionFailed,
@@ -545,3 +548,21 @@ async def test_sync_client_and_event_stream_against_a_real_server(
     async with AsyncClient(server, ADMIN_TOKEN) as admin:
         auditor = (await admin.issue_token("audit", role="auditor")).token
     await asyncio.wait_for(asyncio.to_thread(sync_scenario, server, fed, auditor), 60)
+
+
+async def test_a_download_whose_bytes_do_not_match_the_announced_checksum_is_refused(
+    runtime: Runtime, fed: Federation, tmp_path: Path
+) -> None:
+    a = asgi(runtime)(fed.tokens["org-a"])
+    dm = await a.get_data_manager(fed.dm["org-a"])
+    into = tmp_path / "downloads"
+    assert (await a.download_opener(dm.key, into / "ok.py")).read_text() == "# org-a\n"
+    # The stored file rots on the server's disk: the server still announces its SHA-256.
+    assert isinstance(runtime.artifacts, FilesystemArtifactStore)
+    stored = runtime.artifacts.path(dm.opener_checksum)
+    stored.chmod(0o644)
+    stored.write_bytes(b"# rotten\n")
+    with pytest.raises(ChecksumMismatch) as refused:
+        await a.download_opener(dm.key, into / "bad.py")
+    assert refused.value.code == "checksum_mismatch"
+    assert await asyncio.to_thread(os.listdir, into) == ["ok.py"]  # nor a .part file
