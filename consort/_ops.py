@@ -205,9 +205,14 @@ def upload_file(source: FileSource, *, on_progress: Progress | None = None) -> O
     return _parse(m.FileRef, response)
 
 
-def _download(path: str, dest: Path | str, on_progress: Progress | None) -> Op[Path]:
+def _download(path: str, dest: Path | str, on_progress: Progress | None, *,
+              checksum: str | None = None, for_task: str | None = None) -> Op[Path]:
+    """Stream into `dest`, checked against the SHA-256 the server announces and, when
+    given, `checksum` (ChecksumMismatch: nothing is kept). `for_task`: the caller's open
+    task that takes this file as an input (process permission is then enough)."""
     target = Path(dest)
-    yield Call("GET", path, download=target, download_progress=on_progress)
+    yield Call("GET", path, _params(for_task=for_task), download=target,
+               download_progress=on_progress, download_sha256=checksum)
     return target
 
 
@@ -254,10 +259,10 @@ def get_data_manager(key: str) -> Op[m.DataManager]:
     return _get(m.DataManager, f"/data_managers/{key}")
 
 
-def download_opener(key: str, dest: Path | str, *,
+def download_opener(key: str, dest: Path | str, *, checksum: str | None = None,
                     on_progress: Progress | None = None) -> Op[Path]:
-    """Save the data manager's opener to `dest`."""
-    return _download(f"/data_managers/{key}/opener", dest, on_progress)
+    """Save the data manager's opener to `dest` (`checksum`: the SHA-256 it must have)."""
+    return _download(f"/data_managers/{key}/opener", dest, on_progress, checksum=checksum)
 
 
 def add_data_sample(
@@ -329,10 +334,11 @@ def get_function(key: str) -> Op[m.Function]:
     return _get(m.Function, f"/functions/{key}")
 
 
-def download_function_archive(key: str, dest: Path | str, *,
+def download_function_archive(key: str, dest: Path | str, *, checksum: str | None = None,
                               on_progress: Progress | None = None) -> Op[Path]:
-    """Save the function's archive or image tarball to `dest`."""
-    return _download(f"/functions/{key}/archive", dest, on_progress)
+    """Save the function's archive or image tarball to `dest` (`checksum`: the SHA-256 it
+    must have)."""
+    return _download(f"/functions/{key}/archive", dest, on_progress, checksum=checksum)
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -377,8 +383,12 @@ def get_dataset(key: str) -> Op[m.Dataset]:
 
 
 def download_dataset_file(key: str, path: str, dest: Path | str, *,
+                          for_task: str | None = None, checksum: str | None = None,
                           on_progress: Progress | None = None) -> Op[Path]:
-    return _download(f"/datasets/{key}/files/{path}", dest, on_progress)
+    """Save one file of the dataset. A worker fetching its task's input passes the task's
+    key as `for_task` (then process permission suffices) and the file's `checksum`."""
+    return _download(f"/datasets/{key}/files/{path}", dest, on_progress, checksum=checksum,
+                     for_task=for_task)
 
 
 def download_dataset_zip(key: str, dest: Path | str, *,
@@ -549,13 +559,21 @@ _ACTION_TARGET = {"start": "DOING", "done": "DONE", "fail": "FAILED", "cancel": 
 def task_action(
     key: str, action: Literal["start", "done", "fail", "cancel"], *,
     error_type: Literal["BUILD", "EXECUTION", "INTERNAL"] | None = None,
-    message: str = "", logs_checksum: str | None = None,
+    message: str = "", logs_checksum: str | None = None, runner_id: str | None = None,
+    lease_seconds: float | None = None,
 ) -> Op[m.Task]:
     """Move a task: start/done/fail by its worker, cancel by its owner. A retried action
-    refused because the task already reached the target status is a success."""
+    refused because the task already reached the target status is a success.
+
+    A runner passes its `runner_id`: its start takes a lease for `lease_seconds` (the
+    answer's `lease`; a start sent again by the same runner gets the same lease), to be
+    renewed with `renew_lease`, and its done/fail are refused (409 lease_lost) once
+    another run took the task over."""
     body = {"action": action, "message": message} | (
         {"error_type": error_type} if error_type else {}) | (
-        {"logs_checksum": logs_checksum} if logs_checksum else {})
+        {"logs_checksum": logs_checksum} if logs_checksum else {}) | (
+        {"runner_id": runner_id} if runner_id else {}) | (
+        {"lease_seconds": lease_seconds} if lease_seconds is not None else {})
     try:
         response = yield Call("POST", f"/tasks/{key}/actions", json=body)
     except InvalidRequest as exc:
@@ -584,6 +602,24 @@ def fail_task(key: str, *, error_type: Literal["BUILD", "EXECUTION", "INTERNAL"]
 
 def cancel_task(key: str) -> Op[m.Task]:
     return task_action(key, "cancel")
+
+
+def renew_lease(key: str, runner_id: str, *, lease_seconds: float = 30.0
+                ) -> Op[m.LeaseRenewed]:
+    """The runner running a task extends its lease and learns the task's status (not
+    DOING: its cue to stop). 409 lease_lost once another run took the task over."""
+    response = yield Call("POST", f"/tasks/{key}/lease",
+                          json={"runner_id": runner_id, "lease_seconds": lease_seconds})
+    return _parse(m.LeaseRenewed, response)
+
+
+def release_lease(key: str, runner_id: str) -> Op[m.LeaseRenewed]:
+    """The runner gives the task back at once (it is shutting down): the task is TODO
+    again within a second, for another runner, without counting as an attempt. Never
+    re-sent once it may have arrived (a second release would uncount another attempt)."""
+    response = yield Call("POST", f"/tasks/{key}/lease", idempotent=False,
+                          json={"runner_id": runner_id, "release": True})
+    return _parse(m.LeaseRenewed, response)
 
 
 def _retried_output(exc: Conflict) -> bool:
@@ -763,10 +799,14 @@ def download_failure_logs(task_key: str, dest: Path | str, *,
     return _download(f"/tasks/{task_key}/failure_report/logs", dest, on_progress)
 
 
-def download_model(key: str, dest: Path | str, *,
-                   on_progress: Progress | None = None) -> Op[Path]:
-    """Save a model file (needs process permission and the worker's export setting)."""
-    return _download(f"/models/{key}/file", dest, on_progress)
+def download_model(key: str, dest: Path | str, *, for_task: str | None = None,
+                   checksum: str | None = None, on_progress: Progress | None = None
+                   ) -> Op[Path]:
+    """Save a model file: needs process permission and the worker's export setting, or,
+    for a worker fetching its task's input, process permission and `for_task` (the
+    task's key). `checksum`: the SHA-256 it must have."""
+    return _download(f"/models/{key}/file", dest, on_progress, checksum=checksum,
+                     for_task=for_task)
 
 
 # --- the ledger ------------------------------------------------------------------------------

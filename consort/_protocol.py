@@ -85,6 +85,8 @@ class Call:
     idempotent: bool = True
     download: Path | None = None
     download_progress: Progress | None = None
+    # The SHA-256 the caller expects of a download (besides the one the server announces).
+    download_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +251,10 @@ class DownloadFile:
         self.progress = call.download_progress
         length = response.headers.get("Content-Length")
         self.total = int(length) if length and length.isdigit() else None
-        # The server names the stored file's SHA-256: what arrives is checked against it.
-        self.expected = response.headers.get("X-Content-SHA256")
+        # The server names the stored file's SHA-256: what arrives is checked against it,
+        # and against the caller's own expectation when it has one.
+        self.expected = {s.lower() for s in (response.headers.get("X-Content-SHA256"),
+                                             call.download_sha256) if s}
         self.digest = hashlib.sha256()
         self.done = 0
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,7 @@ class DownloadFile:
         """Rename into place when complete and intact; otherwise leave nothing behind."""
         self.handle.close()
         got = self.digest.hexdigest()
-        intact = self.expected is None or got == self.expected.lower()
+        intact = all(expected == got for expected in self.expected)
         if ok and intact:
             self.partial.replace(self.target)
             return
@@ -276,5 +280,5 @@ class DownloadFile:
             from consort.errors import ChecksumMismatch  # errors imports this module
 
             raise ChecksumMismatch(
-                f"GET {self.call.path}: received bytes with SHA-256 {got}, the server "
-                f"announced {self.expected}", code="checksum_mismatch")
+                f"GET {self.call.path}: received bytes with SHA-256 {got}, expected "
+                f"{' and '.join(sorted(self.expected))}", code="checksum_mismatch")

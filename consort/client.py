@@ -54,6 +54,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Y = TypeVar("Y")
 STREAM_READ_TIMEOUT = 60.0  # the server sends a keep-alive every 15 s
+# Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) could
+# close one under a request being sent on it.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                              keepalive_expiry=2.0)
 
 
 class _Done(Generic[T]):
@@ -150,6 +154,8 @@ class _Api:
     iter_tasks = _Iterator(ops.iter_tasks, m.Task)
     get_task = _Method(ops.get_task)
     task_action = _Method(ops.task_action)
+    renew_lease = _Method(ops.renew_lease)
+    release_lease = _Method(ops.release_lease)
     start_task = _Method(ops.start_task)
     done_task = _Method(ops.done_task)
     fail_task = _Method(ops.fail_task)
@@ -185,25 +191,34 @@ def _settings(
     return url.rstrip("/"), {"Authorization": f"Bearer {token}", **(headers or {})}
 
 
+def _stream_timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
+    """The client's timeouts, but reads may wait for the next event of a stream longer."""
+    base = timeout.as_dict() if isinstance(timeout, httpx.Timeout) else dict.fromkeys(
+        ("connect", "read", "write", "pool"), timeout)
+    return httpx.Timeout(**(base | {"read": STREAM_READ_TIMEOUT}))
+
+
 def _unexpected(instruction: Instruction) -> ConsortError:
     return ConsortError(f"operation yielded {instruction!r} outside a stream or iterator")
 
 
 class Client(_Api):
     """The blocking client. Without `url`/`token`, the saved profile (or CONSORT_URL and
-    CONSORT_TOKEN) is used. `transport` is passed to httpx (tests, proxies)."""
+    CONSORT_TOKEN) is used. `timeout` (seconds, or an `httpx.Timeout`), `limits` and
+    `transport` are passed to httpx (tests, proxies)."""
 
     def __init__(
         self, url: str | None = None, token: str | None = None, *, profile: str | None = None,
-        timeout: float = 30.0, retry: RetryPolicy | None = None,
+        timeout: float | httpx.Timeout = 30.0, retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None, headers: dict[str, str] | None = None,
+        limits: httpx.Limits = DEFAULT_LIMITS,
     ) -> None:
         base_url, all_headers = _settings(url, token, profile, headers)
         self.url = base_url
         self.retry = retry or RetryPolicy()
         self._timeout = timeout
         self._http = httpx.Client(base_url=base_url, headers=all_headers, timeout=timeout,
-                                  transport=transport)
+                                  transport=transport, limits=limits)
 
     def close(self) -> None:
         self._http.close()
@@ -302,7 +317,7 @@ class Client(_Api):
         kwargs = request_kwargs(call)
         if call.upload is not None:
             kwargs["content"] = call.upload.chunks()
-        timeout = httpx.Timeout(self._timeout, read=STREAM_READ_TIMEOUT) if stream else None
+        timeout = _stream_timeout(self._timeout) if stream else httpx.USE_CLIENT_DEFAULT
         request = self._http.build_request(call.method, call.path, timeout=timeout, **kwargs)
         response = self._http.send(request, stream=stream or call.download is not None)
         try:
@@ -332,16 +347,16 @@ class AsyncClient(_Api):
 
     def __init__(
         self, url: str | None = None, token: str | None = None, *, profile: str | None = None,
-        timeout: float = 30.0, retry: RetryPolicy | None = None,
+        timeout: float | httpx.Timeout = 30.0, retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
     ) -> None:
         base_url, all_headers = _settings(url, token, profile, headers)
         self.url = base_url
         self.retry = retry or RetryPolicy()
         self._timeout = timeout
         self._http = httpx.AsyncClient(base_url=base_url, headers=all_headers,
-                                       timeout=timeout, transport=transport)
+                                       timeout=timeout, transport=transport, limits=limits)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -450,7 +465,7 @@ class AsyncClient(_Api):
         kwargs = request_kwargs(call)
         if call.upload is not None:
             kwargs["content"] = _async_chunks(call.upload.chunks())
-        timeout = httpx.Timeout(self._timeout, read=STREAM_READ_TIMEOUT) if stream else None
+        timeout = _stream_timeout(self._timeout) if stream else httpx.USE_CLIENT_DEFAULT
         request = self._http.build_request(call.method, call.path, timeout=timeout, **kwargs)
         response = await self._http.send(request, stream=stream or call.download is not None)
         try:

@@ -2,184 +2,110 @@
 
 A runner never touches the database: it starts tasks, renews leases, fetches inputs
 (checksum-verified), appends logs and registers outputs through the same HTTP API as
-everyone else, so its organization's permissions apply to it too.
+everyone else, so its organization's permissions apply to it too. The requests are the
+Python client's (`consort.AsyncClient`, on `RunnerApi.client`); this adapter hands the
+worker plain dicts and the few shapes it works with.
+
+Retries are the client's, with the runner's pace: reads and idempotent commands (a start
+sent again by the same runner, done/fail, a renewal, outputs, content-addressed uploads)
+are sent up to three times, 0.2 s then 0.4 s apart; log appends and lease releases are
+sent again only when they never reached the server. Errors are `ConsortError`s
+(`ApiError`), a server out of reach after the retries `ConnectionFailed`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import BaseModel
+
+from consort import (
+    AsyncClient,
+    ChecksumMismatch,
+    ConnectionFailed,
+    ConsortError,
+    RetryPolicy,
+)
+
+__all__ = ["Action", "ApiError", "ChecksumMismatch", "ConnectionFailed", "ErrorType", "RunnerApi"]
+
+# The API refused a request: `.status`, `.code` (the problem's machine-readable code) and
+# `.detail`; `ConnectionFailed`, a subclass, when it could not be reached.
+ApiError = ConsortError
+
+RETRY = RetryPolicy(attempts=3, base=0.2, factor=2.0)
+Action = Literal["start", "done", "fail"]
+ErrorType = Literal["BUILD", "EXECUTION", "INTERNAL"]
 
 
-class ApiError(Exception):
-    """The API refused a request; `code` is the problem's machine-readable code."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-
-class ChecksumMismatch(Exception):
-    pass
-
-
-def _raise_for(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        body = response.json()
-        code, detail = str(body.get("code", "error")), str(body.get("detail", ""))
-    except ValueError:
-        code, detail = "error", response.text[:500]
-    raise ApiError(response.status_code, code, detail)
+def _dict(row: BaseModel) -> dict[str, Any]:
+    return row.model_dump(mode="json")
 
 
 class RunnerApi:
     def __init__(self, url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None
                  ) -> None:
-        # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s)
-        # could close one under a request being sent on it.
-        self._http = httpx.AsyncClient(
-            base_url=url, headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(60.0, connect=5.0), transport=transport,
-            limits=httpx.Limits(keepalive_expiry=2.0))
+        self.client = AsyncClient(
+            url, token, timeout=httpx.Timeout(60.0, connect=5.0), retry=RETRY,
+            transport=transport, limits=httpx.Limits(keepalive_expiry=2.0))
 
     async def close(self) -> None:
-        await self._http.aclose()
-
-    async def _json(self, method: str, url: str, **kw: Any) -> Any:
-        for attempt in range(3):
-            try:
-                response = await self._http.request(method, url, **kw)
-                break
-            except httpx.TransportError:
-                # Reads are safe to send again; a command may have arrived, so the caller
-                # decides (its next step sees the task's state either way).
-                if method != "GET" or attempt == 2:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        _raise_for(response)
-        return response.json() if response.content else None
+        await self.client.aclose()
 
     # -- tasks ---------------------------------------------------------------------------
 
-    async def me(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._json("GET", "/me")
-        return result
-
     async def task(self, key: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._json("GET", f"/tasks/{key}")
-        return result
+        return _dict(await self.client.get_task(key))
 
-    async def todo_tasks(self, worker: str) -> list[str]:
-        """Keys of the worker's TODO tasks (a runner's safety net beside NATS)."""
-        keys: list[str] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"worker": worker, "status": "TODO", "limit": 500}
-            if cursor:
-                params["cursor"] = cursor
-            page = await self._json("GET", "/tasks", params=params)
-            keys += [t["key"] for t in page["items"]]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return keys
-
-    async def act(self, key: str, action: str, runner_id: str, **fields: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await self._json(
-            "POST", f"/tasks/{key}/actions",
-            json={"action": action, "runner_id": runner_id, **fields})
-        return result
+    async def act(self, key: str, action: Action, runner_id: str, *,
+                  lease_seconds: float | None = None, error_type: ErrorType | None = None,
+                  message: str = "", logs_checksum: str | None = None) -> dict[str, Any]:
+        """start (taking a lease for `lease_seconds`) / done / fail, as runner `runner_id`."""
+        return _dict(await self.client.task_action(
+            key, action, runner_id=runner_id, lease_seconds=lease_seconds,
+            error_type=error_type, message=message, logs_checksum=logs_checksum))
 
     async def renew(self, key: str, runner_id: str, lease_s: float) -> str:
         """Renew the lease; returns the task's status (raises ApiError lease_lost)."""
-        body = await self._json("POST", f"/tasks/{key}/lease",
-                                json={"runner_id": runner_id, "lease_seconds": lease_s})
-        return str(body["status"])
+        return (await self.client.renew_lease(key, runner_id, lease_seconds=lease_s)).status
 
     async def release(self, key: str, runner_id: str) -> None:
-        """Give the task back at once (the runner is shutting down): it is TODO again
-        within a second, for another runner, without counting as an attempt."""
-        await self._json("POST", f"/tasks/{key}/lease",
-                         json={"runner_id": runner_id, "release": True})
+        """Give the task back at once (the runner is shutting down)."""
+        await self.client.release_lease(key, runner_id)
 
     async def append_logs(self, key: str, data: bytes) -> None:
-        await self._json("POST", f"/tasks/{key}/logs", content=data)
-
-    async def read_logs(self, key: str) -> bytes:
-        response = await self._http.get(f"/tasks/{key}/logs")
-        _raise_for(response)
-        return response.content
+        await self.client.append_logs(key, data)
 
     # -- assets --------------------------------------------------------------------------
 
     async def asset(self, kind: str, key: str) -> dict[str, Any]:
         """kind: functions, data_managers, data_samples, models, datasets."""
-        result: dict[str, Any] = await self._json("GET", f"/{kind}/{key}")
-        return result
+        get = {"functions": self.client.get_function,
+               "data_managers": self.client.get_data_manager,
+               "data_samples": self.client.get_data_sample, "models": self.client.get_model,
+               "datasets": self.client.get_dataset}[kind]
+        return _dict(await get(key))
 
     async def outputs_of(self, kind: str, task_key: str, identifier: str) -> list[dict[str, Any]]:
         """The models or datasets a task produced under one output identifier."""
-        page = await self._json("GET", f"/{kind}",
-                                params={"compute_task_key": task_key, "limit": 1000})
-        return [item for item in page["items"] if item.get("identifier") == identifier]
-
-    async def download(self, url: str, dest: Path, checksum: str | None,
-                       params: dict[str, str] | None = None) -> Path:
-        """Stream `url` into `dest` (atomically), verifying its SHA-256 when known."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + f".part{os.getpid()}")
-        digest = hashlib.sha256()
-        try:
-            async with self._http.stream("GET", url, params=params) as response:
-                if not response.is_success:
-                    await response.aread()
-                    _raise_for(response)
-                with partial.open("wb") as out:
-                    async for chunk in response.aiter_bytes(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            if checksum is not None and digest.hexdigest() != checksum.lower():
-                raise ChecksumMismatch(f"{url}: got sha256 {digest.hexdigest()}, "
-                                       f"expected {checksum}")
-            partial.replace(dest)
-        finally:
-            partial.unlink(missing_ok=True)
-        return dest
+        listing = (self.client.iter_models(compute_task_key=task_key, page_size=1000)
+                   if kind == "models" else
+                   self.client.iter_datasets(compute_task_key=task_key, page_size=1000))
+        return [_dict(item) async for item in listing if item.identifier == identifier]
 
     async def upload(self, path: Path) -> str:
         """Stream a file to POST /files; returns its SHA-256 (verified by the server)."""
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-
-        async def body() -> AsyncIterator[bytes]:
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    yield block
-
-        result = await self._json("POST", "/files", content=body(),
-                                  headers={"X-Content-SHA256": digest.hexdigest()})
-        return str(result["checksum"])
+        return (await self.client.upload_file(path)).checksum
 
     async def register_model(self, task_key: str, identifier: str, checksum: str) -> None:
-        await self._json("POST", f"/tasks/{task_key}/outputs/{identifier}/model",
-                         json={"checksum": checksum})
+        await self.client.register_model_output(task_key, identifier, checksum=checksum)
 
     async def register_performance(self, task_key: str, identifier: str, value: float) -> None:
-        await self._json("POST", f"/tasks/{task_key}/outputs/{identifier}/performance",
-                         json={"value": value})
+        await self.client.register_performance_output(task_key, identifier, value)
 
     async def register_dataset(self, task_key: str, identifier: str,
                                files: list[dict[str, str]]) -> None:
-        await self._json("POST", f"/tasks/{task_key}/outputs/{identifier}/dataset",
-                         json={"files": files})
+        await self.client.register_dataset_output(
+            task_key, identifier, [(f["path"], f["checksum"]) for f in files])

@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from runner.api import ApiError, RunnerApi
+from runner.api import ApiError, ConnectionFailed, RunnerApi
 from runner.contract import Backend
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,10 @@ class Housekeeper:
     async def _task(self, key: str) -> dict[str, Any] | None:
         try:
             return await self.api.task(key)
+        except (ConnectionFailed, httpx.HTTPError) as exc:
+            log.info("housekeeping: task %s left alone for now (%r)", key, exc)
         except ApiError as exc:
             log.debug("housekeeping: task %s left alone (%s)", key, exc)
-        except httpx.HTTPError as exc:
-            log.info("housekeeping: task %s left alone for now (%r)", key, exc)
         return None
 
 

@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from app.events.background import stop_task, wake_or_poll
 from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
 from app.metrics import CONTAINER_SECONDS
-from runner.api import ApiError, ChecksumMismatch, RunnerApi
+from runner.api import ApiError, ChecksumMismatch, ConnectionFailed, ErrorType, RunnerApi
 from runner.cache import FileCache
 from runner.contract import (
     Backend,
@@ -243,23 +243,19 @@ class Runner:
 
     async def _start(self, key: str, msg: Msg) -> dict[str, Any] | None:
         """The task as started for this runner (with its lease), or None if refused."""
-        for attempt in range(3):
-            try:
-                started = await self.api.act(key, "start", self.config.runner_id,
-                                             lease_seconds=self.config.lease_s)
-                break
-            except ApiError as exc:
-                log.debug("task %s not started: %s", key, exc)
-                await msg.ack()
-                return None
-            except httpx.TransportError as exc:
-                # Safe to send again: the API answers a repeated start by the same runner
-                # with the lease it already holds.
-                if attempt == 2:
-                    log.warning("task %s: API unreachable (%r); redelivering", key, exc)
-                    await msg.nak(delay=2)
-                    return None
-                await asyncio.sleep(0.2 * (attempt + 1))
+        try:
+            # Sent again (by the client) when the connection broke: the API answers a
+            # repeated start by the same runner with the lease it already holds.
+            started = await self.api.act(key, "start", self.config.runner_id,
+                                         lease_seconds=self.config.lease_s)
+        except ConnectionFailed as exc:
+            log.warning("task %s: API unreachable (%s); redelivering", key, exc)
+            await msg.nak(delay=2)
+            return None
+        except ApiError as exc:
+            log.debug("task %s not started: %s", key, exc)
+            await msg.ack()
+            return None
         await msg.ack()
         return started
 
@@ -377,8 +373,9 @@ class Runner:
             checksum: str | None = None
             if source is not ImageSourceKind.IMAGE_REFERENCE:
                 checksum = str(function["image"])
-                archive = await self.cache.get(checksum, lambda path: self.api.download(
-                    f"/functions/{key}/archive", path, checksum))
+                archive = await self.cache.get(
+                    checksum, lambda path: self.api.client.download_function_archive(
+                        key, path, checksum=checksum))
             image = await self.backend.prepare_image(ImageSpec(
                 function_key=key, source=source, checksum=checksum, archive_path=archive,
                 reference=function["image"] if archive is None else None), on_log)
@@ -390,13 +387,13 @@ class Runner:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 status = await self.api.renew(key, self.config.runner_id, self.config.lease_s)
+            except ConnectionFailed as exc:
+                log.warning("task %s: lease not renewed (%s)", key, exc)
+                continue
             except ApiError as exc:
                 log.warning("task %s: lease lost (%s); stopping it", key, exc.code)
                 cancel.set()
                 return
-            except httpx.TransportError as exc:
-                log.warning("task %s: lease not renewed (%s)", key, exc)
-                continue
             if status != "DOING":
                 log.info("task %s is %s; stopping it", key, status)
                 cancel.set()
@@ -405,7 +402,8 @@ class Runner:
         with contextlib.suppress(ApiError, httpx.HTTPError):
             await self.api.release(key, self.config.runner_id)
 
-    async def _fail(self, run: _Run, logs: LogShipper, error_type: str, message: str) -> None:
+    async def _fail(self, run: _Run, logs: LogShipper, error_type: ErrorType, message: str
+                    ) -> None:
         """Report a failure with the log stored as an artifact, if the task is ours."""
         if not await run.owned() or run.cancel.is_set():
             return  # refused, canceled or taken over: the task is not ours to fail

@@ -20,8 +20,10 @@ one whose only output is one DATASET has it collected from all of `output/`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +103,18 @@ class Workspace:
                                    f"{item['parent_output']!r}")
         return found
 
-    async def _cached(self, checksum: str, url: str, dest: Path) -> None:
-        params = {"for_task": self.key}
-        source = await self.cache.get(
-            checksum, lambda path: self.api.download(url, path, checksum, params))
-        place(source, dest)
+    async def _cached(self, checksum: str, fetch: Callable[[Path], Awaitable[Path]],
+                      dest: Path) -> None:
+        """Put the file with this SHA-256 at `dest`, from the cache or `fetch(path)` (which
+        checks it against the checksum)."""
+        place(await self.cache.get(checksum, fetch), dest)
 
     async def _opener(self, identifier: str, key: str) -> IOEntry:
         manager = await self.api.asset("data_managers", key)
         relative = f"input/{identifier}/opener.py"
-        await self._cached(manager["opener_checksum"], f"/data_managers/{key}/opener",
-                           self.workdir / relative)
+        checksum = manager["opener_checksum"]
+        await self._cached(checksum, lambda path: self.api.client.download_opener(
+            key, path, checksum=checksum), self.workdir / relative)
         return IOEntry(identifier, "DATA_MANAGER", relative, key)
 
     async def _sample(self, identifier: str, key: str) -> IOEntry:
@@ -123,8 +126,9 @@ class Workspace:
 
     async def _model(self, identifier: str, model: dict[str, Any]) -> IOEntry:
         relative = f"input/{identifier}/{model['key']}"
-        await self._cached(model["checksum"], f"/models/{model['key']}/file",
-                           self.workdir / relative)
+        await self._cached(model["checksum"], lambda path: self.api.client.download_model(
+            model["key"], path, for_task=self.key, checksum=model["checksum"]),
+            self.workdir / relative)
         return IOEntry(identifier, "MODEL", relative, model["key"])
 
     async def _dataset(self, identifier: str, dataset: dict[str, Any]) -> IOEntry:
@@ -132,8 +136,9 @@ class Workspace:
         base = self.workdir / relative
         base.mkdir(parents=True, exist_ok=True)
         for file in dataset["files"]:
-            await self._cached(file["checksum"], f"/datasets/{dataset['key']}/files/"
-                               f"{file['path']}", _inside(base, file["path"]))
+            await self._cached(file["checksum"], functools.partial(
+                self.api.client.download_dataset_file, dataset["key"], file["path"],
+                for_task=self.key, checksum=file["checksum"]), _inside(base, file["path"]))
         return IOEntry(identifier, "DATASET", relative, dataset["key"])
 
     # -- outputs ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from consort import (
     Unauthorized,
     WaitTimeout,
 )
+from consort.client import STREAM_READ_TIMEOUT, _stream_timeout
 from tests.conftest import ADMIN_TOKEN
 from tests.test_audit_api import server
 from tests.test_compute_api import aggregate_task, eval_task, train_task
@@ -566,3 +567,71 @@ async def test_a_download_whose_bytes_do_not_match_the_announced_checksum_is_ref
         await a.download_opener(dm.key, into / "bad.py")
     assert refused.value.code == "checksum_mismatch"
     assert await asyncio.to_thread(os.listdir, into) == ["ok.py"]  # nor a .part file
+
+
+async def test_a_runner_leases_its_task_and_fetches_inputs_for_it(
+    runtime: Runtime, fed: Federation, tmp_path: Path
+) -> None:
+    connect = asgi(runtime)
+    a, b, c = (connect(fed.tokens[o]) for o in ("org-a", "org-b", "org-c"))
+    tb, agg = str(uuid.uuid4()), str(uuid.uuid4())
+    await a.add_compute_plan("leased", [train_task(fed, "org-b", tb),  # type: ignore[arg-type]
+                                        aggregate_task(fed, agg, tb)])  # type: ignore[arg-type]
+
+    # start takes a lease; the same runner's start sent again gets the same one
+    started = await b.task_action(tb, "start", runner_id="r1", lease_seconds=60)
+    assert started.status == "DOING" and started.lease is not None
+    again = await b.task_action(tb, "start", runner_id="r1", lease_seconds=60)
+    assert again.lease is not None and again.lease.attempt == started.lease.attempt
+    with pytest.raises(Conflict) as leased:
+        await b.task_action(tb, "start", runner_id="r2")
+    assert leased.value.code == "task_leased"
+    renewed = await b.renew_lease(tb, "r1", lease_seconds=60)
+    assert renewed.status == "DOING" and renewed.lease.expires_at >= started.lease.expires_at
+    model = await b.register_model_output(tb, "model", file=b"weights of b")
+    with pytest.raises(Conflict) as lost:
+        await b.task_action(tb, "done", runner_id="r2")
+    assert lost.value.code == "lease_lost"
+    assert (await b.task_action(tb, "done", runner_id="r1")).status == "DONE"
+
+    # org-b allows no export: org-c gets the model only for its task that takes it
+    with pytest.raises(Forbidden) as refused:
+        await c.download_model(model.key, tmp_path / "export.bin")
+    assert refused.value.code == "model_export_disabled"
+    got = await c.download_model(model.key, tmp_path / "m.bin", for_task=agg,
+                                 checksum=model.checksum.upper())
+    assert got.read_bytes() == b"weights of b"
+    # ... checked against the checksum the caller expects, too
+    with pytest.raises(ChecksumMismatch):
+        await c.download_model(model.key, tmp_path / "bad" / "m.bin", for_task=agg,
+                               checksum="0" * 64)
+    assert await asyncio.to_thread(os.listdir, tmp_path / "bad") == []
+    dm = await c.get_data_manager(fed.dm["org-a"])
+    with pytest.raises(ChecksumMismatch):
+        await b.download_opener(dm.key, tmp_path / "opener.py", checksum="f" * 64)
+
+    # a runner shutting down gives its task back
+    await c.task_action(agg, "start", runner_id="r3")
+    released = await c.release_lease(agg, "r3")
+    assert released.task_key == agg and released.lease.runner_id == "r3"
+    for client in (a, b, c):
+        await client.aclose()
+
+
+async def test_requests_carry_the_client_timeouts_and_streams_wait_longer() -> None:
+    assert _stream_timeout(httpx.Timeout(7.0, connect=2.0)) == httpx.Timeout(
+        7.0, connect=2.0, read=STREAM_READ_TIMEOUT)
+    seen: list[dict[str, float | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, json={"status": "ok"})
+
+    async with AsyncClient("http://t.test", "t", timeout=httpx.Timeout(7.0, connect=2.0),
+                           transport=httpx.MockTransport(answer)) as client:
+        await client.health()
+    with Client("http://t.test", "t", timeout=3.0,
+                transport=httpx.MockTransport(answer)) as blocking:
+        blocking.health()
+    assert seen == [{"connect": 2.0, "read": 7.0, "write": 7.0, "pool": 7.0},
+                    {"connect": 3.0, "read": 3.0, "write": 3.0, "pool": 3.0}]
