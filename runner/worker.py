@@ -44,6 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from app.events.background import stop_task, wake_or_poll
 from app.execution.dispatcher import DispatchConfig, ensure_tasks_stream
 from app.metrics import CONTAINER_SECONDS
+from consort.errors import ServerError
 from runner.api import ApiError, ChecksumMismatch, ConnectionFailed, ErrorType, RunnerApi
 from runner.cache import FileCache
 from runner.contract import (
@@ -387,7 +388,9 @@ class Runner:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 status = await self.api.renew(key, self.config.runner_id, self.config.lease_s)
-            except ConnectionFailed as exc:
+            except (ConnectionFailed, ServerError) as exc:
+                # The API is away or failing for a moment (a 503 database_unavailable):
+                # the lease outlives a few beats, so try again at the next one.
                 log.warning("task %s: lease not renewed (%s)", key, exc)
                 continue
             except ApiError as exc:

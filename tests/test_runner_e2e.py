@@ -22,6 +22,7 @@ import docker.errors
 import nats
 import pytest
 
+from consort.errors import ServerError
 from runner.contract import Backend, BackendOptions, choose_backend
 from tests.images import busybox_image, docker_engine  # noqa: F401  (fixtures)
 from tests.stack import Stack, running_stack
@@ -233,6 +234,26 @@ async def test_cancel_during_the_run_stops_it_within_5_s(stack: Stack, backend_k
         await asyncio.sleep(0.05)
     assert runner.results[key].canceled
     assert (await stack.task("org-a", key))["status"] == "CANCELED"
+
+
+async def test_a_failing_lease_renewal_does_not_stop_the_run(stack: Stack) -> None:
+    await stack.org("org-a")
+    key = await simple_task(stack, "subprocess", "echo started; sleep 2; echo x > output/model")
+    runner = await stack.runner("org-a", new_backend("subprocess", stack.home))
+    renew = runner.api.renew
+    refused = 0
+
+    async def unavailable_twice(*args: Any, **kwargs: Any) -> str:
+        nonlocal refused
+        if refused < 2:  # the API answers 503 for a moment (database restarting)
+            refused += 1
+            raise ServerError("database_unavailable", status=503, code="database_unavailable")
+        return await renew(*args, **kwargs)
+
+    runner.api.renew = unavailable_twice  # type: ignore[method-assign]
+    task = await stack.wait_status("org-a", key, "DONE", "FAILED", "CANCELED", timeout=30)
+    assert task["status"] == "DONE" and refused == 2
+    assert not runner.results[key].canceled
 
 
 async def test_runner_killed_mid_task_is_retried_on_another_runner(stack: Stack) -> None:
